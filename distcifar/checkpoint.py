@@ -1,0 +1,263 @@
+"""Checkpoints in safetensors and JSON only: nothing is pickled, nothing is unpickled.
+
+OUTPUT_DIR/checkpoints/step_00001234/
+    model.safetensors      model weights and buffers
+    optimizer.safetensors  every per-parameter optimizer tensor ("state.<param index>.<name>")
+    rng.safetensors        RNG states of every process ("rank<r>.torch", ".cuda", ".numpy", ".python")
+    state.json             step, data position, scheduler, grad scaler, optimizer hyper-parameters,
+                           resolved config, tracker run id
+    manifest.json          size and sha256 of each file above; written last
+
+A checkpoint is written to a hidden temporary folder and renamed into place, so a folder named
+step_* is always complete; `latest()` still verifies sizes and checksums and skips a damaged one.
+Files not listed in the manifest (a planted .pkl, say) are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load, save
+
+FORMAT = "distcifar-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (damaged, or made for a different model or data)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing state that is not already a flat dict of tensors
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as int64 tensors (fixed shapes, so ranks can be gathered)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, _ = random.getstate()
+    state = {
+        "torch": torch.get_rng_state().to(torch.int64),
+        "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([gauss], dtype=torch.float64).view(torch.int64),
+        "python": torch.tensor([version, *py_state], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().to(torch.int64)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    numpy = state["numpy"].tolist()
+    gauss = state["numpy_gauss"].view(torch.float64).item()
+    np.random.set_state(("MT19937", np.array(numpy[:624], dtype=np.uint32), numpy[624], numpy[625], gauss))
+    python = state["python"].tolist()
+    random.setstate((python[0], tuple(python[1:]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8))
+
+
+def optimizer_to_files(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, per_param in optimizer_state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _write(path: Path, data: bytes) -> dict:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, {file name: bytes}) after checking every listed file; raises CheckpointError."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no manifest.json (incomplete checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: manifest.json is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    blobs = {}
+    for name, expected in manifest["files"].items():
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{path}: manifest lists an unsafe file name {name!r}")
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: {name} is missing") from None
+        if len(data) != expected["bytes"]:
+            raise CheckpointError(f"{path}: {name} has {len(data)} bytes, manifest says {expected['bytes']} (truncated?)")
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{path}: {name} fails its sha256 check (corrupt)")
+        blobs[name] = data
+    try:
+        json.loads(blobs["state.json"])
+    except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: state.json is missing or not valid JSON ({err})") from None
+    return manifest, blobs
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Checkpoint folders under root, newest first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+class Checkpointer:
+    """Saves and restores the full training state; only the main process writes."""
+
+    def __init__(self, accelerator, root: str | Path, keep: int, keep_best: bool = False):
+        self.accelerator = accelerator
+        self.root = Path(root)
+        self.keep, self.keep_best = keep, keep_best
+
+    def save(self, *, step: int, model, optimizer, scheduler, state: dict, eval_accuracy: float | None = None) -> Path:
+        """Collective: every rank must call it (RNG states are gathered to the main process)."""
+        acc = self.accelerator
+        rng = {name: acc.gather(t.to(acc.device)[None]).cpu() for name, t in rng_state().items()}
+        final = self.root / f"step_{step:08d}"
+        if acc.is_main_process:
+            started = time.perf_counter()
+            weights = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(model).state_dict().items()}
+            opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
+            rng_tensors = {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))}
+            full_state = dict(state, global_step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
+                              scaler=acc.scaler.state_dict() if acc.scaler is not None else None)
+            tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            files = {
+                "model.safetensors": _write(tmp / "model.safetensors", save(weights)),
+                "optimizer.safetensors": _write(tmp / "optimizer.safetensors", save({k: v.cpu() for k, v in opt_tensors.items()})),
+                "rng.safetensors": _write(tmp / "rng.safetensors", save(rng_tensors)),
+                "state.json": _write(tmp / "state.json", json.dumps(full_state, indent=1).encode()),
+            }
+            manifest = {"format": FORMAT, "step": step, "eval_accuracy": eval_accuracy, "files": files}
+            _write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # same step saved again (e.g. a new run in an old folder): swap, then delete
+                old = self.root / f".old-{final.name}-{os.getpid()}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
+            _fsync_dir(self.root)
+            self._prune()
+            self.last_save_seconds = time.perf_counter() - started
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        dirs = step_dirs(self.root)
+        protected = set(dirs[: self.keep])
+        if self.keep_best:
+            scored = []
+            for d in dirs:
+                try:
+                    scored.append((json.loads((d / "manifest.json").read_text()).get("eval_accuracy") or -1, d))
+                except (OSError, json.JSONDecodeError):
+                    pass
+            if scored:
+                protected.add(max(scored, key=lambda s: s[0])[1])
+        for d in dirs:
+            if d not in protected:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """Newest checkpoint that passes verification; damaged ones are reported and skipped."""
+        for path in step_dirs(self.root):
+            try:
+                read_verified(path)
+                return path
+            except CheckpointError as err:
+                self.accelerator.print(f"warning: skipping damaged checkpoint: {err}")
+        return None
+
+    def load(self, path: Path, *, model, config: dict, optimizer=None, scheduler=None) -> dict:
+        """Restore into model and, unless optimizer is None (weights only), the optimizer, scheduler,
+        grad scaler and this rank's RNG. Returns state.json. Raises CheckpointError."""
+        _, blobs = read_verified(Path(path))
+        state = json.loads(blobs["state.json"])
+        check_compatible(state["config"], config, weights_only=optimizer is None)
+        self.accelerator.unwrap_model(model).load_state_dict(load(blobs["model.safetensors"]))
+        if optimizer is None:
+            return state
+        optimizer.load_state_dict(optimizer_from_files(load(blobs["optimizer.safetensors"]), state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        rng = load(blobs["rng.safetensors"])
+        rank, saved_world = self.accelerator.process_index, state["world_size"]
+        if saved_world == self.accelerator.num_processes:
+            set_rng_state({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")})
+        else:  # a different world size cannot continue each rank's RNG stream; derive a fresh one
+            torch.manual_seed(config["train"]["seed"] * 7919 + state["global_step"] * 31 + rank)
+        return state
+
+
+# Fields that must match to continue a run; data.path and data.cache_dir may move between machines.
+RESUME_MUST_MATCH = ("model", "data", "train.batch_size", "train.seed")
+WHERE_DATA_LIVES = ("data.path", "data.cache_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def check_compatible(saved: dict, current: dict, weights_only: bool) -> None:
+    """Raise CheckpointError naming every field that differs between the saved and current config."""
+    must_match = ("model",) if weights_only else RESUME_MUST_MATCH
+    saved_flat, current_flat = _flat(saved), _flat(current)
+    differing = [
+        f"{key} (checkpoint {saved_flat.get(key)!r}, now {current_flat.get(key)!r})"
+        for key in sorted(set(saved_flat) | set(current_flat))
+        if any(key == m or key.startswith(m + ".") for m in must_match)
+        and key not in WHERE_DATA_LIVES
+        and saved_flat.get(key) != current_flat.get(key)
+    ]
+    if differing:
+        hint = "" if weights_only else "; to start a new run from its weights add --checkpoint.weights_only true"
+        raise CheckpointError(f"the checkpoint was made with a different config: {'; '.join(differing)}{hint}")

@@ -1,0 +1,276 @@
+"""CIFAR-10 from Hugging Face `datasets`, decoded once to uint8 tensors, augmented in batches on the device.
+
+The whole training set lives on the training device as uint8 [N, 3, 32, 32]. Each epoch is one
+global permutation (seeded by seed and epoch); each optimizer step takes the next `batch_size`
+indices of it and every rank takes its own slice. Augmentation parameters are drawn for the whole
+global batch from a generator seeded by (seed, epoch, step), so a batch is augmented the same way
+whatever the number of processes or accumulation steps, and resuming at step s needs no saved
+data-loader state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from distcifar.config import DataConfig
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given (exit code 2)."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "Split":
+        return Split(self.images[:n], self.labels[:n]) if n else self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import huggingface_hub.constants
+
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """datasets' own offline mode: use the HF cache, never retry the network."""
+    import datasets
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def load_dataset_dict(cfg: DataConfig):
+    """The raw `datasets.DatasetDict` from --data.path or the hub."""
+    import datasets
+
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise DataError(f"data.path '{cfg.path}' does not exist; give a folder of parquet files, a file, or a save_to_disk folder")
+        try:
+            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+                loaded = datasets.load_from_disk(str(path))
+            elif path.is_file():
+                loaded = datasets.load_dataset(path.suffix.lstrip(".") or "parquet", data_files={"train": str(path)})
+            else:
+                loaded = datasets.load_dataset(str(path))
+        except Exception as err:  # datasets raises many types; the message is what matters
+            raise DataError(f"could not read a dataset from '{cfg.path}': {err}") from None
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable()
+    hint = (
+        "point at a local copy with --data.path DIR (a folder with train/test parquet files or a "
+        "save_to_disk folder), or run once with network access to fill the Hugging Face cache"
+    )
+    try:
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(cfg.name)
+    except (ConnectionError, FileNotFoundError, OSError) as err:
+        why = "the Hugging Face hub cannot be reached" if offline else "loading from the hub failed"
+        raise DataError(f"dataset '{cfg.name}': {why} and it is not in the cache ({type(err).__name__}); {hint}") from None
+
+
+def _decode(ds, split_name: str, num_classes: int) -> Split:
+    missing = {"img", "label"} - set(ds.column_names)
+    if missing:
+        raise DataError(
+            f"split '{split_name}' has no column(s) {sorted(missing)} (found {ds.column_names}); "
+            "distcifar expects the hub's cifar10 schema: 'img' (Image) and 'label' (ClassLabel)"
+        )
+    labels = torch.as_tensor(ds["label"], dtype=torch.int64)
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        row = bad[0].item()
+        raise DataError(f"split '{split_name}' row {row}: label {labels[row].item()} is outside 0..{num_classes - 1}")
+    images = ds.with_format("torch")["img"][:]
+    if not isinstance(images, torch.Tensor) or images.shape[1:] != (3, 32, 32):
+        for row, image in enumerate(images):
+            if image.shape != (3, 32, 32):
+                raise DataError(
+                    f"split '{split_name}' row {row}: image has shape {tuple(image.shape)} (channels, height, width); "
+                    "every image must be 32x32 RGB"
+                )
+    return Split(images.to(torch.uint8).contiguous(), labels)
+
+
+def _cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("DISTCIFAR_CACHE", Path.home() / ".cache" / "distcifar"))
+
+
+def decoded_split(ds, split_name: str, cfg: DataConfig, num_classes: int) -> Split:
+    """Decode a split once and cache it as safetensors keyed by the dataset's fingerprint."""
+    cache = _cache_root(cfg) / f"{ds._fingerprint}.safetensors"
+    if cache.exists():
+        tensors = load_file(cache)
+        return Split(tensors["images"], tensors["labels"])
+    split = _decode(ds, split_name, num_classes)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    save_file({"images": split.images, "labels": split.labels}, tmp)
+    os.replace(tmp, cache)  # atomic: a reader sees the whole file or none
+    return split
+
+
+def load_splits(cfg: DataConfig, num_classes: int = 10) -> tuple[Split, Split, str]:
+    """(train, eval, eval split name). Call under accelerator.main_process_first()."""
+    dsd = load_dataset_dict(cfg)
+    if "train" not in dsd:
+        raise DataError(f"the dataset has no 'train' split (found {list(dsd)})")
+    train = decoded_split(dsd["train"], "train", cfg, num_classes)
+    if cfg.val_size:
+        if cfg.val_size >= len(train):
+            raise DataError(f"data.val_size ({cfg.val_size}) must be smaller than the training set ({len(train)})")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234))
+        val_idx, train_idx = order[: cfg.val_size].sort().values, order[cfg.val_size :].sort().values
+        evaluation = Split(train.images[val_idx], train.labels[val_idx])
+        train, eval_name = Split(train.images[train_idx], train.labels[train_idx]), "validation"
+    else:
+        eval_name = "test" if "test" in dsd else None
+        if eval_name is None:
+            raise DataError(f"the dataset has no 'test' split (found {list(dsd)}); set --data.val_size N to hold out N training images")
+        evaluation = decoded_split(dsd[eval_name], eval_name, cfg, num_classes)
+    return train.head(cfg.train_limit), evaluation.head(cfg.eval_limit), eval_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and augmentation on the device
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CIFAR10_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=images_uint8.device).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255 - mean) / std
+
+
+def augment_params(batch: int, cfg: DataConfig, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """Random parameters for `batch` images, drawn in a fixed order so slices are reproducible."""
+    pad = cfg.crop_padding if "crop" in cfg.augment else 0
+    shape = dict(generator=generator, device=device)
+    params = {
+        "dx": torch.randint(0, 2 * pad + 1, (batch,), **shape),
+        "dy": torch.randint(0, 2 * pad + 1, (batch,), **shape),
+        "hflip": torch.rand(batch, **shape) < 0.5,
+        "vflip": torch.rand(batch, **shape) < 0.5,
+        "angle": (torch.rand(batch, **shape) * 2 - 1) * math.radians(cfg.rotate_degrees),
+        "jitter": 1 + (torch.rand(batch, 3, **shape) * 2 - 1) * cfg.color_jitter,
+    }
+    params["hflip"] &= "hflip" in cfg.augment
+    params["vflip"] &= "vflip" in cfg.augment
+    return params
+
+
+def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+    """uint8 [B,3,32,32] -> normalized float. Crop and flips are one gather; every image its own offsets."""
+    batch, size = images.shape[0], images.shape[-1]
+    pad = cfg.crop_padding if "crop" in cfg.augment else 0
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    ramp = torch.arange(size, device=images.device)
+    cols = params["dx"][:, None] + torch.where(params["hflip"][:, None], size - 1 - ramp, ramp)
+    rows = params["dy"][:, None] + torch.where(params["vflip"][:, None], size - 1 - ramp, ramp)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    x = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    x = x.permute(0, 3, 1, 2).float() / 255
+    if "color_jitter" in cfg.augment:
+        brightness, contrast, saturation = params["jitter"].unbind(1)
+        x = x * brightness[:, None, None, None]
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+        x = (x - gray.mean((2, 3), keepdim=True)) * contrast[:, None, None, None] + gray.mean((2, 3), keepdim=True)
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+        x = (gray + (x - gray) * saturation[:, None, None, None]).clamp(0, 1)
+    if "rotate" in cfg.augment:
+        cos, sin, zero = params["angle"].cos(), params["angle"].sin(), torch.zeros_like(params["angle"])
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class TrainBatches:
+    """Per-rank micro-batches of the device-resident training set, resumable at any optimizer step.
+
+    Within an epoch every sample is used once across all ranks, except the last
+    `len(train) % batch_size` of that epoch's permutation, which are dropped (drop_last) so that
+    every optimizer step sees a full global batch.
+    """
+
+    def __init__(self, train: Split, cfg: DataConfig, *, batch_size: int, grad_accum_steps: int,
+                 rank: int, world_size: int, seed: int, device, channels_last: bool):
+        if batch_size % (grad_accum_steps * world_size):
+            raise DataError(
+                f"train.batch_size ({batch_size}) must be divisible by processes x grad_accum_steps "
+                f"({world_size} x {grad_accum_steps})"
+            )
+        if len(train) < batch_size:
+            raise DataError(f"the training set ({len(train)} images) is smaller than one global batch ({batch_size})")
+        self.images, self.labels = train.images.to(device), train.labels.to(device)
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.batch_size, self.accum, self.rank, self.world = batch_size, grad_accum_steps, rank, world_size
+        self.micro_batch = batch_size // (grad_accum_steps * world_size)
+        self.steps_per_epoch = len(train) // batch_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.labels), generator=generator).to(self.device)
+
+    def rank_indices(self, order: torch.Tensor, step: int, micro: int) -> tuple[slice, torch.Tensor]:
+        """Where this rank's micro-batch sits in the global batch, and the sample indices."""
+        start = micro * self.micro_batch * self.world + self.rank * self.micro_batch
+        window = slice(start, start + self.micro_batch)
+        return window, order[step * self.batch_size :][window]
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yield (step, micro_batches) for optimizer steps start_step.. of `epoch`; micro_batches
+        lazily yields this rank's grad_accum_steps (images, labels) pairs for that step."""
+        order = self.permutation(epoch)
+        generator = torch.Generator(device=self.device)
+        for step in range(start_step, self.steps_per_epoch):
+            generator.manual_seed(hash((self.seed, epoch, step)) & (2**62 - 1))
+            params = augment_params(self.batch_size, self.cfg, generator, self.device)
+            yield step, self._micro_batches(order, step, params)
+
+    def _micro_batches(self, order: torch.Tensor, step: int, params: dict):
+        for micro in range(self.accum):
+            window, idx = self.rank_indices(order, step, micro)
+            images = augment(self.images[idx], {k: v[window] for k, v in params.items()}, self.cfg)
+            yield images.contiguous(memory_format=self.memory_format), self.labels[idx]

@@ -1,0 +1,158 @@
+"""PNG plots of a run: training curves and the latest confusion matrix.
+
+`python -m distcifar.plot OUTPUT_DIR` redraws them from OUTPUT_DIR/metrics.jsonl and
+OUTPUT_DIR/confusion.json, for a run that trained with --tracking.plots false or one that is
+still going; Tracker runs the same command in the background after each evaluation.
+
+Figures are built with matplotlib's object API (no pyplot), so nothing here touches global
+plotting state or needs a display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+METRICS_FILE = "metrics.jsonl"
+CONFUSION_FILE = "confusion.json"
+CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion.png"
+
+
+def read_series(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each numeric metric in metrics.jsonl as (step, value) points in step order.
+
+    A resumed run appends to the same file from its checkpoint's step on; its points replace
+    those the earlier attempt wrote from that step on.
+    """
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(metrics_path) as lines:
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line can be half-written while a run is training
+            step = row.get("step")
+            if not isinstance(step, int):
+                continue
+            for key, value in row.items():
+                if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                points = series.setdefault(key, [])
+                while points and points[-1][0] >= step:
+                    points.pop()
+                points.append((step, value))
+    return series
+
+
+def write_confusion(output_dir: Path, confusion: list[list[float]], classes: list[str],
+                    step: int, epoch: float, split: str) -> None:
+    """Save the latest confusion matrix ([true][predicted] counts) for draw_confusion."""
+    record = {"step": step, "epoch": epoch, "split": split, "classes": list(classes), "confusion": confusion}
+    path = Path(output_dir) / CONFUSION_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    # Write then rename, so an image viewer or `plot` run never reads a half-written file.
+    temporary = path.with_name(path.name + ".tmp")
+    fig.savefig(temporary, format="png", dpi=100)
+    os.replace(temporary, path)
+
+
+def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """Loss, accuracy and learning rate against the optimizer step."""
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    loss_ax, accuracy_ax, lr_ax = fig.subplots(1, 3)
+    panels = [
+        (loss_ax, "loss", [("train_loss", "train"), ("eval_loss", "eval")]),
+        (accuracy_ax, "accuracy", [("train_accuracy", "train"), ("eval_accuracy", "eval")]),
+        (lr_ax, "learning rate", [("lr", None)]),
+    ]
+    for ax, quantity, lines in panels:
+        for key, label in lines:
+            if key in series:
+                steps, values = zip(*series[key])
+                is_eval = key.startswith("eval")  # eval: points at evaluations, in the same colour in every panel
+                ax.plot(steps, values, label=label, color="C1" if is_eval else "C0",
+                        marker="o" if is_eval else None, markersize=4)
+        if any(label for key, label in lines if key in series):
+            ax.legend()
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_title(quantity)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(quantity)
+        ax.grid(alpha=0.3)
+    if "eval_accuracy" in series:
+        best_step, best = max(series["eval_accuracy"], key=lambda point: point[1])
+        accuracy_ax.set_title(f"accuracy (best eval {best:.4g} at step {best_step})")
+    _save(fig, path)
+
+
+def draw_confusion(record: dict, path: Path) -> None:
+    """The confusion matrix written by write_confusion, with counts in the cells."""
+    counts = np.asarray(record["confusion"], dtype=float)
+    names = record["classes"]
+    total = counts.sum()
+    accuracy = np.trace(counts) / total if total else 0.0
+
+    fig = Figure(figsize=(8, 7), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="images", shrink=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{record['split']} set, epoch {record['epoch']:g}, step {record['step']}: "
+                 f"{accuracy:.2%} of {total:g} correct")
+    dark = counts.max() / 2
+    for true_class, row in enumerate(counts):
+        for predicted_class, count in enumerate(row):
+            ax.text(predicted_class, true_class, f"{count:g}", ha="center", va="center", fontsize=8,
+                    color="white" if count > dark else "black")
+    _save(fig, path)
+
+
+def redraw(output_dir: Path) -> list[Path]:
+    """Redraw curves.png (and confusion.png when confusion.json exists); return the files written."""
+    output_dir = Path(output_dir)
+    written = [output_dir / CURVES_PNG]
+    draw_curves(read_series(output_dir / METRICS_FILE), written[0])
+    confusion_path = output_dir / CONFUSION_FILE
+    if confusion_path.is_file():
+        written.append(output_dir / CONFUSION_PNG)
+        draw_confusion(json.loads(confusion_path.read_text()), written[1])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distcifar.plot",
+        description=f"Redraw {CURVES_PNG} and {CONFUSION_PNG} in a training output folder.",
+    )
+    parser.add_argument("output_dir", type=Path, help="the run's output folder (holds metrics.jsonl)")
+    output_dir = parser.parse_args(argv).output_dir
+
+    if not output_dir.is_dir():
+        print(f"error: output folder '{output_dir}' does not exist", file=sys.stderr)
+        return 2
+    if not (output_dir / METRICS_FILE).is_file():
+        print(f"error: '{output_dir}' has no {METRICS_FILE} (has the run logged a step yet?)", file=sys.stderr)
+        return 2
+    for path in redraw(output_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Experiment tracking: W&B or TensorBoard through Accelerate, plus files in the output folder.
+
+Only the main process tracks; on other ranks every Tracker method returns at once. Whatever
+the tracker (also none), the main process appends each logged row to OUTPUT_DIR/metrics.jsonl,
+keeps the latest confusion matrix in OUTPUT_DIR/confusion.json and, with tracking.plots,
+redraws OUTPUT_DIR/curves.png and confusion.png after each evaluation (in a background
+process running `python -m distcifar.plot`) and in finish() if rows came after that.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import secrets
+import string
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from distcifar import plot
+from distcifar.config import Config, TrackingConfig, _flatten
+from distcifar.data import CLASSES, normalize
+
+WANDB_HINT = "run `wandb login`, or set WANDB_API_KEY, or set WANDB_MODE=offline (and `wandb sync` later)"
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    netrc_path = os.environ.get("NETRC") or Path.home() / ".netrc"
+    try:
+        return netrc.netrc(netrc_path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def report_to(cfg: TrackingConfig) -> str:
+    """'wandb' | 'tensorboard' | 'none'; 'auto' picks W&B when WANDB_MODE or W&B credentials are set."""
+    if cfg.report_to != "auto":
+        return cfg.report_to
+    return "wandb" if os.environ.get("WANDB_MODE") or _has_wandb_credentials() else "none"
+
+
+def _new_run_id() -> str:
+    # The same shape as wandb.util.generate_id(), without importing wandb.
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def class_names(num_classes: int) -> list[str]:
+    return list(CLASSES) if num_classes == len(CLASSES) else [f"class{i}" for i in range(num_classes)]
+
+
+class Tracker:
+    def __init__(self, accelerator, cfg: Config, output_dir: Path, run_id: str | None, hardware: dict):
+        self.accelerator = accelerator
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.run_id = run_id or _new_run_id()  # train.py stores it in checkpoints to resume the W&B run
+        self.report_to = report_to(cfg.tracking)
+        self.is_main = accelerator.is_main_process
+        self._wandb_run = None  # the wandb Run while W&B is on
+        self._plotter: subprocess.Popen | None = None  # the background redraw of the PNGs
+        self._plots_outdated = False  # rows were logged after the last redraw started
+        self._finished = False
+        if not self.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")
+        if self.report_to != "none":
+            self._start(hardware)
+
+    def _start(self, hardware: dict) -> None:
+        tracking = self.cfg.tracking
+        run_config = {**_flatten(self.cfg.to_dict()), **hardware, "git_commit": _git_commit()}
+        if self.report_to == "tensorboard":  # add_hparams takes only numbers, strings and bools
+            run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_config.items()}
+        wandb_kwargs = {
+            "id": self.run_id,
+            "resume": "allow",
+            "name": tracking.run_name,  # None: W&B makes one up
+            "entity": tracking.entity,
+            "group": tracking.group,
+            "tags": tracking.tags,
+            "dir": str(self.output_dir),
+        }
+        try:
+            self.accelerator.init_trackers(tracking.project, config=run_config, init_kwargs={"wandb": wandb_kwargs})
+            if self.report_to not in [tracker.name for tracker in self.accelerator.trackers]:
+                raise RuntimeError(f"the Accelerator was built without log_with=['{self.report_to}'] or it is not installed")
+        except Exception as err:  # never let tracking stop training
+            # Accelerate registers a tracker before starting it; drop the one that failed.
+            self.accelerator.trackers.clear()
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            hint = f" To use W&B: {WANDB_HINT}." if self.report_to == "wandb" else ""
+            print(f"[tracking] {self.report_to} is off ({reason}); metrics still go to "
+                  f"{self.output_dir / plot.METRICS_FILE}.{hint}", file=sys.stderr, flush=True)
+            self.report_to = "none"
+            return
+        if self.report_to == "wandb":
+            self._wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Log plain numbers/strings at the global optimizer step (W&B drops steps that go backwards)."""
+        if not self.is_main or self._finished:
+            return
+        self._metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._metrics_file.flush()
+        self._plots_outdated = True
+        self.accelerator.log(metrics, step=step)
+
+    def log_eval(self, result: dict, step: int, model, sample_images: torch.Tensor, sample_labels: torch.Tensor) -> None:
+        """Log an evaluation; `model` is the unwrapped network (a forward on one DDP rank would hang)."""
+        if not self.is_main or self._finished:
+            return
+        names = class_names(len(result["per_class_accuracy"]))
+        predictions, expert_weights = _predict(model, sample_images)
+
+        scalars = {key: result[key] for key in ("epoch", "eval_accuracy", "eval_loss", "eval_samples")}
+        for name, accuracy in zip(names, result["per_class_accuracy"]):
+            scalars[f"eval/class_acc/{name}"] = accuracy
+        for block, weights in enumerate(expert_weights):
+            for conv, mean_weight in enumerate(weights.mean(0).tolist()):
+                scalars[f"experts/block{block}/conv{conv}"] = mean_weight
+        self.log(scalars, step)
+
+        if self._wandb_run is not None:
+            media = _wandb_media(result, names, predictions, sample_images, sample_labels, expert_weights)
+            self._wandb_run.log(media, step=step)
+
+        plot.write_confusion(self.output_dir, result["confusion"], names, step, result["epoch"], result["eval_split"])
+        if self.cfg.tracking.plots:
+            self._redraw_in_background()
+
+    def _redraw_in_background(self) -> None:
+        # Drawing takes about a second of CPU; in its own process it holds up neither this loop nor its GIL.
+        if self._plotter is not None and self._plotter.poll() is None:
+            return  # still drawing an earlier evaluation; finish() draws the final state
+        package_parent = str(Path(plot.__file__).resolve().parents[1])
+        python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
+        self._plotter = subprocess.Popen([sys.executable, "-m", "distcifar.plot", str(self.output_dir)],
+                                         stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": python_path})
+        self._plots_outdated = False
+
+    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
+        """End the tracker runs; a non-zero exit_code marks the W&B run as failed. Safe to call twice.
+
+        Unlike accelerator.end_training() this leaves the process group alone, so a main-only call
+        cannot break the other ranks; train.py still calls end_training() on every rank at the end.
+        """
+        if not self.is_main or self._finished:
+            return
+        self._finished = True
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                if summary:
+                    self._wandb_run.summary.update(summary)
+                self._wandb_run.finish(exit_code=exit_code)
+            else:
+                tracker.finish()
+        self.accelerator.trackers.clear()  # so a later end_training() does not finish them again
+        self._metrics_file.close()
+        if self._plotter is not None:
+            self._plotter.wait()
+        if self.cfg.tracking.plots and self._plots_outdated:
+            plot.redraw(self.output_dir)
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Predicted classes of `images` (uint8, CPU) and each block's expert weights, both on the CPU."""
+    module = getattr(model, "_orig_mod", model)  # skip a torch.compile wrapper: it would recompile for eval
+    was_training = module.training
+    device = next(module.parameters()).device
+    module.eval()
+    try:
+        logits = module(normalize(images.to(device)))
+    finally:
+        module.train(was_training)
+    return logits.argmax(1).cpu(), [weights.float().cpu() for weights in module.expert_weights()]
+
+
+def _wandb_media(result: dict, names: list[str], predictions: torch.Tensor, images: torch.Tensor,
+                 labels: torch.Tensor, expert_weights: list[torch.Tensor]) -> dict:
+    import wandb
+
+    # The table and chart spec wandb.plot.confusion_matrix builds, filled from counts rather than raw labels.
+    table = wandb.Table(
+        columns=["Actual", "Predicted", "nPredictions"],
+        data=[[names[true], names[predicted], count]
+              for true, row in enumerate(result["confusion"]) for predicted, count in enumerate(row)],
+    )
+    chart = wandb.plot_table(
+        "wandb/confusion_matrix/v1", table,
+        {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+        {"title": f"Confusion matrix ({result['eval_split']}, epoch {result['epoch']:g})"},
+    )
+    samples = [
+        wandb.Image(image.permute(1, 2, 0).numpy(), caption=f"pred: {names[predicted]} / true: {names[true]}")
+        for image, predicted, true in zip(images.cpu(), predictions.tolist(), labels.tolist())
+    ]
+    media = {"eval/confusion_matrix": chart, "eval/samples": samples}
+    for block, weights in enumerate(expert_weights):
+        media[f"experts/block{block}/weights"] = wandb.Histogram(weights.flatten().numpy())
+    return media

@@ -1,0 +1,193 @@
+#!/bin/bash
+# distcifar on Slurm: 1..N nodes, GPU or CPU-only partitions, checkpoint + requeue on preemption.
+#
+# Submit from the project root (the log path logs/ and distcifar/train.py are relative to it):
+#   sbatch slurm/train.sh [ARGS FOR train.py]            e.g. --data.path /data/cifar10 --train.epochs 3
+#   sbatch --nodes=2 --gpus-per-node=4 --time=04:00:00 slurm/train.sh ...
+#   CONFIG=configs/smoke.yaml OUTPUT_DIR=runs/smoke sbatch slurm/train.sh ...
+#
+# Resources: any #SBATCH line below can be overridden on the sbatch command line.
+# One srun task per node runs `accelerate launch` (or plain python for a single process)
+# with PROCS_PER_NODE processes (default: GPUs on the node, else 1 CPU process).
+#
+# Environment variables (all optional; sbatch passes your environment to the job):
+#   CONFIG          training config               (default configs/default.yaml)
+#   OUTPUT_DIR      run folder: checkpoints, final model, metrics (default runs/<job name>);
+#                   train.py resumes from its newest checkpoint automatically
+#   PYTHON          python interpreter to use     (default $VENV/bin/python, else ./.venv/bin/python,
+#   VENV            virtual environment folder     else python3 on PATH)
+#   PROCS_PER_NODE  processes per node            (default: SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES,
+#                                                  nvidia-smi -L; 1 without GPUs)
+#   MAX_RESTARTS    self-requeues after SIGUSR1    (default 10; compared with SLURM_RESTART_COUNT)
+#   MAIN_ADDR       address of the first node      (default: its NodeAddr from scontrol)
+#   MAIN_PORT       rendezvous port                (default 20000 + job id % 10000)
+#   SRUN_WAIT       seconds to wait for the other nodes once one node's task has ended, then
+#                   kill them (a failed node must not leave the others hanging) (default 120)
+#
+# Preemption / time limit: Slurm sends SIGUSR1 to this batch shell 300 s before the time
+# limit (--signal=B:USR1@300); `scancel --signal=USR1 --full JOBID` does the same by hand.
+# The batch shell passes it on to every node; there the SIGUSR1 reaches the workers
+# and each node's wrapper sends SIGTERM to its launcher, which passes it to its workers
+# (torchrun gives them 30 s). train.py saves a checkpoint at the next step boundary and exits;
+# the job then requeues itself (scontrol requeue, same job id, same log file) and resumes.
+# A plain `scancel JOBID` (SIGTERM) also makes train.py checkpoint, but the job is not requeued.
+#
+#SBATCH --job-name=distcifar
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+
+set -u
+
+log() { echo "[train.sh $(date +%H:%M:%S)] $*"; }
+fail() { echo "[train.sh] ERROR: $*" >&2; exit 2; }
+
+[ -n "${SLURM_JOB_ID:-}" ] || fail "submit with sbatch: sbatch slurm/train.sh [ARGS]"
+
+PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$PROJECT_DIR" || fail "cannot cd to $PROJECT_DIR"
+[ -f distcifar/train.py ] || fail "no distcifar/train.py in $PROJECT_DIR: submit from the project root"
+
+CONFIG=${CONFIG:-configs/default.yaml}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-distcifar}}
+MAX_RESTARTS=${MAX_RESTARTS:-10}
+SRUN_WAIT=${SRUN_WAIT:-120}
+RESTART=${SLURM_RESTART_COUNT:-0}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+
+if [ -z "${PYTHON:-}" ]; then
+    if [ -n "${VENV:-}" ]; then PYTHON=$VENV/bin/python
+    elif [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python
+    else PYTHON=$(command -v python3 || command -v python || true)
+    fi
+fi
+[ -n "$PYTHON" ] && [ -x "$PYTHON" ] || fail "python not found (PYTHON=${PYTHON:-}); set VENV= or PYTHON="
+
+# processes per node: explicit, else GPUs allocated/visible, else one CPU process
+if [ -z "${PROCS_PER_NODE:-}" ]; then
+    PROCS_PER_NODE=0
+    if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null; then
+        PROCS_PER_NODE=$SLURM_GPUS_ON_NODE
+    elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$CUDA_VISIBLE_DEVICES" != "-1" ]; then
+        PROCS_PER_NODE=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        PROCS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    [ "${PROCS_PER_NODE:-0}" -gt 0 ] 2>/dev/null || PROCS_PER_NODE=1
+fi
+NPROCS=$(( NNODES * PROCS_PER_NODE ))
+
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+if [ -z "${MAIN_ADDR:-}" ]; then
+    # node names need not resolve (e.g. the emulated test cluster): use the node's NodeAddr
+    MAIN_ADDR=$(scontrol show node -o "$FIRST_NODE" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+    MAIN_ADDR=${MAIN_ADDR:-$FIRST_NODE}
+fi
+MAIN_PORT=${MAIN_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}
+
+TRAIN_ARGS=(distcifar/train.py --config "$CONFIG" --output_dir "$OUTPUT_DIR" "$@")
+if [ "$NPROCS" -gt 1 ]; then
+    # --multi_gpu is also right without CUDA: train.py then runs a gloo MULTI_CPU job.
+    # --machine_rank "$SLURM_NODEID" is added on each node by NODE_SCRIPT.
+    CMD=(multi "$PYTHON" -m accelerate.commands.launch --multi_gpu
+         --num_machines "$NNODES" --num_processes "$NPROCS"
+         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"
+         --mixed_precision no --dynamo_backend no "${TRAIN_ARGS[@]}")
+else
+    CMD=(single "$PYTHON" "${TRAIN_ARGS[@]}")
+fi
+
+log "job $SLURM_JOB_ID restart $RESTART/$MAX_RESTARTS: $NNODES node(s) [$SLURM_JOB_NODELIST] x $PROCS_PER_NODE proc(s), main $MAIN_ADDR:$MAIN_PORT, output $OUTPUT_DIR"
+log "train.py args: ${TRAIN_ARGS[*]:1}"
+
+# Runs once per node (srun task). Single quotes: $SLURM_NODEID etc. are read on each node.
+# The launcher is started with SIGUSR1 ignored (inherited), because torchrun/accelerate
+# would die on it and orphan the workers; train.py installs its own SIGUSR1 handler.
+# On SIGUSR1 the wrapper sends SIGTERM (once) to its launcher, which forwards it to the
+# workers. SIGTERM/SIGINT reach the launcher and workers straight from Slurm, so the
+# wrapper only keeps waiting then.
+# shellcheck disable=SC2016
+NODE_SCRIPT='
+mode=$1; shift
+node=${SLURM_NODEID:-0}
+if [ -z "${OMP_NUM_THREADS:-}" ] && [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
+    export OMP_NUM_THREADS=$(( SLURM_CPUS_ON_NODE / ${PROCS_PER_NODE:-1} > 0 ? SLURM_CPUS_ON_NODE / ${PROCS_PER_NODE:-1} : 1 ))
+fi
+# multi: $1 $2 $3 = python -m accelerate.commands.launch; each node adds its own rank
+[ "$mode" = multi ] && set -- "$1" "$2" "$3" --machine_rank "$node" "${@:4}"
+echo "[train.sh node $node/$NNODES] ${SLURMD_NODENAME:-$(hostname)}: machine rank $node, $PROCS_PER_NODE process(es), $mode launch"
+relayed=0
+on_usr1() {
+    if [ "$relayed" = 0 ]; then
+        relayed=1
+        echo "[train.sh node $node] SIGUSR1: sending SIGTERM to pid $child"
+        kill -TERM "$child" 2>/dev/null
+    fi
+}
+trap on_usr1 USR1
+trap "echo \"[train.sh node $node] SIGTERM/SIGINT: waiting for training to stop\"" TERM INT
+( trap "" USR1; exec "$@" ) &
+child=$!
+while :; do
+    wait "$child"; rc=$?
+    if [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null; then continue; fi
+    if [ "$rc" -gt 128 ]; then wait "$child" 2>/dev/null; r2=$?; [ "$r2" != 127 ] && rc=$r2; fi
+    break
+done
+[ "$rc" = 0 ] || echo "[train.sh node $node] training exited with code $rc"
+exit "$rc"
+'
+
+REQUEUE=0
+STOPPED=0
+SRUN_PID=
+on_usr1() {
+    if [ "$REQUEUE" = 0 ]; then
+        REQUEUE=1
+        log "SIGUSR1: telling training to checkpoint and stop; the job will be requeued"
+        [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+    fi
+}
+on_term() { STOPPED=1; log "SIGTERM/SIGINT: training checkpoints and stops; no requeue"; }
+trap on_usr1 USR1
+trap on_term TERM INT
+
+export PROCS_PER_NODE NNODES
+LABEL=()
+[ "$NNODES" -gt 1 ] && LABEL=(--label)
+srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${LABEL[@]}" \
+    bash -c "$NODE_SCRIPT" train-node "${CMD[@]}" &
+SRUN_PID=$!
+# a SIGUSR1 that came before srun started
+[ "$REQUEUE" = 1 ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+
+while :; do
+    wait "$SRUN_PID"; RC=$?
+    if [ "$RC" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
+    if [ "$RC" -gt 128 ]; then wait "$SRUN_PID" 2>/dev/null; R2=$?; [ "$R2" != 127 ] && RC=$R2; fi
+    break
+done
+
+if [ "$RC" = 0 ]; then
+    log "training finished (output in $OUTPUT_DIR)"
+    exit 0
+fi
+if [ "$REQUEUE" = 1 ]; then
+    if [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
+        log "training stopped (exit code $RC) after SIGUSR1: requeueing job $SLURM_JOB_ID (restart $((RESTART + 1))/$MAX_RESTARTS)"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        log "ERROR: scontrol requeue failed; resubmit by hand to resume from $OUTPUT_DIR"
+    else
+        log "training stopped (exit code $RC); restart limit MAX_RESTARTS=$MAX_RESTARTS reached: not requeueing"
+    fi
+elif [ "$STOPPED" = 1 ]; then
+    log "training stopped after SIGTERM (exit code $RC); not requeued. Resubmit to resume from $OUTPUT_DIR"
+else
+    log "training failed with exit code $RC (not requeued)"
+fi
+exit "$RC"

@@ -1,0 +1,179 @@
+"""slurm/train.sh on a real (emulated) Slurm cluster: `bash slurm/testcluster.sh up`.
+
+Skipped unless `sbatch` is on PATH, `sinfo` answers and DISTCIFAR_TEST_DATA points at the
+CIFAR-10 parquet folder. Jobs run from the project root (logs/ there) with the python that runs
+pytest, 2 nodes x 1 CPU process, configs/smoke.yaml made a little smaller.
+
+  (a) a 2-node run completes: one distributed run over both nodes, checkpoint + summary.json
+  (b) SIGUSR1 (`scancel --signal=USR1 --full`) mid-run: checkpoint, self-requeue, resume, finish;
+      final weights bit-identical to (a)
+  (c) a bad submission (unknown config key, missing data path) fails fast, error at the top
+      of the log, never requeued
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = os.environ.get("DISTCIFAR_TEST_DATA")
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not DATA, reason="DISTCIFAR_TEST_DATA not set"),
+    pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster (bash slurm/testcluster.sh up)"),
+]
+
+NODES = 2
+# configs/smoke.yaml, a little smaller; identical for (a) and (b) so (a) is (b)'s reference
+TRAIN_ARGS = ["--data.train_limit", "1024", "--data.eval_limit", "500", "--train.epochs", "2",
+              "--checkpoint.every_steps", "3", "--tracking.report_to", "none"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REQUEUE_HOLD", "SPECIAL_EXIT"}
+
+
+def job_env(output_dir: Path) -> dict:
+    # no SLURM_*/SBATCH_* from an enclosing job: they would change sbatch's options
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(PYTHON=sys.executable, CONFIG="configs/smoke.yaml", OUTPUT_DIR=str(output_dir),
+               HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    return env
+
+
+def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES) -> str:
+    if "--data.path" not in args:
+        args = ["--data.path", DATA, *args]
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "slurm/train.sh", *args],
+        cwd=ROOT, env=job_env(output_dir), capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"job {job} unknown to scontrol: {out.stderr}"
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def log_of(name: str, job: str) -> Path:
+    return ROOT / "logs" / f"{name}-{job}.out"
+
+
+def wait_for(job: str, name: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = job_info(job)
+        if info["JobState"] in TERMINAL:
+            return info
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job])
+            log = log_of(name, job)
+            pytest.fail(f"job {job} still {info['JobState']} after {timeout:.0f} s; log:\n"
+                        + (log.read_text()[-4000:] if log.exists() else "(none)"))
+        time.sleep(1)
+
+
+def read_log(name: str, job: str) -> str:
+    return log_of(name, job).read_text(errors="replace")
+
+
+def final_weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(output_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Test (a)'s job: an uninterrupted 2-node run. (output_dir, job id, job info)."""
+    out = tmp_path_factory.mktemp("slurm-a") / "run"
+    name = "distcifar-test-a"
+    job = submit(name, out, TRAIN_ARGS)
+    info = wait_for(job, name, timeout=600)
+    return out, name, job, info
+
+
+def test_two_node_run(reference_run):
+    out, name, job, info = reference_run
+    log = read_log(name, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info["Restarts"] == "0"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == NODES  # one run spanning both nodes, 1 process each
+    assert summary["global_step"] > 0
+    # both nodes' launchers took part, each with its own machine rank
+    for rank in range(NODES):
+        assert re.search(rf"^{rank}: \[train.sh node {rank}/{NODES}\]", log, re.M), log[:3000]
+    assert (out / "final" / "model.safetensors").is_file()
+    assert list((out / "checkpoints").glob("step_*")), "no checkpoint written"
+
+
+def test_usr1_checkpoints_requeues_and_resumes(reference_run, tmp_path):
+    ref_out = reference_run[0]
+    out = tmp_path / "run"
+    name = "distcifar-test-b"
+    job = submit(name, out, TRAIN_ARGS)
+    # wait for the first periodic checkpoint, then "preempt"
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob("step_*")):
+        info = job_info(job)
+        assert info["JobState"] not in TERMINAL, read_log(name, job)[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.5)
+    signalled = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=30)
+    info = wait_for(job, name, timeout=600)
+    log = read_log(name, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert int(info["Restarts"]) >= 1, log[-4000:]
+    assert "requeueing job" in log, log[-4000:]
+    assert re.search(r"resumed from .*step_\d+", log), log[-4000:]
+    assert "restart 1/" in log  # the second start logged its SLURM_RESTART_COUNT
+    print(f"USR1 -> finished after resume: {time.monotonic() - signalled:.0f} s")
+    import torch
+
+    ref, got = final_weights(ref_out), final_weights(out)
+    assert ref.keys() == got.keys()
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+
+
+def test_bad_submission_fails_fast_without_requeue(tmp_path):
+    # both at once: the unknown key on 2 nodes (accelerate launch), the missing path on 1 node
+    # (plain python); the cluster runs them side by side or one after the other
+    cases = {
+        "distcifar-test-c1": (["--train.no_such_key", "1"], NODES, "no_such_key"),
+        "distcifar-test-c2": (["--data.path", str(tmp_path / "missing")], 1, "missing"),
+    }
+    started = time.monotonic()
+    jobs = {name: submit(name, tmp_path / name, args, nodes=nodes) for name, (args, nodes, _) in cases.items()}
+    for name, job in jobs.items():
+        info = wait_for(job, name, timeout=180)
+        log = read_log(name, job)
+        assert info["JobState"] == "FAILED", log[-3000:]
+        assert info["Restarts"] == "0"
+        head = log.splitlines()[:12]
+        errors = [line for line in head if "error:" in line and cases[name][2] in line]
+        assert errors, "no error line at the top of the log:\n" + "\n".join(head)
+        assert "requeueing" not in log
+    assert time.monotonic() - started < 120

@@ -1,0 +1,336 @@
+"""Tracking: real W&B in offline mode (read back from its .wandb files), metrics.jsonl, PNG plots.
+
+An offline run writes everything it would upload to OUTPUT_DIR/wandb/offline-run-*/run-<id>.wandb:
+protobuf `Record`s in LevelDB's log framing (what `wandb sync` reads). wandb 0.31 ships no
+Python reader for it any more, so `read_wandb_records` below decodes the framing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from accelerate import Accelerator
+from google.protobuf.message import DecodeError
+from accelerate.state import AcceleratorState
+
+from distcifar import plot
+from distcifar.config import Config, ModelConfig, TrackingConfig
+from distcifar.model import DistCifarNet
+from distcifar.tracking import Tracker, report_to
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HARDWARE = {"device": "cpu", "num_processes": 1, "mixed_precision": "no"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an offline W&B run
+
+LOG_BLOCK_SIZE = 32768
+LOG_HEADER = struct.Struct("<IHB")  # crc32c, payload length, chunk type
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: Path) -> list:
+    """All protobuf Records of a run-<id>.wandb file, in write order."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    records, pending, position = [], b"", 7  # after the file header ":W&B", magic (2 bytes), version
+    while position + LOG_HEADER.size <= len(data):
+        left_in_block = LOG_BLOCK_SIZE - position % LOG_BLOCK_SIZE
+        if left_in_block < LOG_HEADER.size:  # too short for a chunk header: zero padding
+            position += left_in_block
+            continue
+        _, length, chunk_type = LOG_HEADER.unpack_from(data, position)
+        if chunk_type == 0:  # zero padding up to the end of the block
+            position += left_in_block
+            continue
+        payload = data[position + LOG_HEADER.size: position + LOG_HEADER.size + length]
+        position += LOG_HEADER.size + length
+        pending = payload if chunk_type in (FULL, FIRST) else pending + payload
+        if chunk_type in (FULL, LAST):
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def _item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(run_file: Path) -> dict:
+    """The run id, history rows by step, summary updates, config keys and exit code of one offline run."""
+    run = {"id": None, "history": {}, "summary": {}, "config": set(), "exit_code": None}
+    for record in read_wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["id"] = record.run.run_id
+        elif kind == "history":
+            row = run["history"].setdefault(record.history.step.num, {})
+            row.update({_item_key(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "summary":
+            run["summary"].update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
+        elif kind == "config":
+            run["config"].update(_item_key(item) for item in record.config.update)
+        elif kind == "exit":
+            run["exit_code"] = record.exit.exit_code
+    return run
+
+
+def offline_runs(output_dir: Path, count: int, timeout_s: float = 20.0) -> list[dict]:
+    """The `count` offline runs under output_dir, oldest first (by the first step each one logged).
+
+    wandb-core writes the file in the background and can return from run.finish() before it is
+    all on disk, so wait until every run ends with its exit record.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        paths = sorted(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        try:
+            runs = [read_offline_run(path) for path in paths]
+        except DecodeError:  # a record cut off mid-write
+            runs = []
+        if len(runs) == count and all(run["exit_code"] is not None for run in runs):
+            return sorted(runs, key=lambda run: min(run["history"], default=0))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {count} finished offline runs in {output_dir}, found {len(paths)} files")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and a fake training loop
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """No W&B credentials or mode from the machine; HOME and W&B's own folders under tmp_path."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's captured stdout/stderr unwrapped
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if "wandb" in sys.modules:  # wandb caches its settings (the mode too) process-wide until teardown
+        sys.modules["wandb"].teardown()
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def make_config(report: str, plots: bool = True) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(block_convs=[1, 2], block_channels=[12, 24], block_halve=[False, True], classifier_hidden=[16])
+    cfg.tracking.report_to = report
+    cfg.tracking.plots = plots
+    return cfg
+
+
+def make_tracker(cfg: Config, output_dir: Path, run_id: str | None = None) -> Tracker:
+    tracker_name = report_to(cfg.tracking)
+    accelerator = Accelerator(cpu=True, log_with=None if tracker_name == "none" else [tracker_name])
+    return Tracker(accelerator, cfg, output_dir, run_id, HARDWARE)
+
+
+def train_and_evaluate(tracker: Tracker, model: DistCifarNet, steps: list[int], epoch: int) -> None:
+    """Log train metrics at `steps`, then an evaluation at the last of them."""
+    for step in steps:
+        tracker.log({"epoch": epoch, "train_loss": 2.0 / step ** 0.5, "lr": 0.1, "grad_norm": 1.5,
+                     "images_per_second": 1000.0, "images_per_second_per_process": 1000.0}, step)
+    generator = torch.Generator().manual_seed(epoch)
+    confusion = (torch.eye(10, dtype=torch.long) * 50 * epoch + torch.randint(0, 10, (10, 10), generator=generator)).tolist()
+    correct = sum(confusion[i][i] for i in range(10))
+    total = sum(map(sum, confusion))
+    result = {
+        "epoch": epoch,
+        "eval_accuracy": correct / total,
+        "eval_loss": 1.0 / epoch,
+        "eval_samples": total,
+        "per_class_accuracy": [confusion[i][i] / sum(confusion[i]) for i in range(10)],
+        "confusion": confusion,
+        "eval_split": "test",
+    }
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    tracker.log_eval(result, steps[-1], model, images, labels)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def model() -> DistCifarNet:
+    torch.manual_seed(0)
+    return DistCifarNet(make_config("none").model).train()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_offline_wandb_run_holds_history_summary_and_id(tmp_path, offline_wandb, model):
+    output_dir = tmp_path / "run"
+    tracker = make_tracker(make_config("wandb", plots=False), output_dir, run_id="given0id")
+    assert tracker.report_to == "wandb" and tracker.run_id == "given0id"
+    train_and_evaluate(tracker, model, steps=[10, 20], epoch=1)
+    tracker.finish(summary={"best_eval_accuracy": 0.5})
+    tracker.finish()  # idempotent
+    assert model.training, "log_eval must put the model back in training mode"
+
+    (run,) = offline_runs(output_dir, count=1)
+    assert run["id"] == "given0id"
+    assert set(run["history"]) == {10, 20}
+    for step in (10, 20):
+        assert {"train_loss", "lr", "grad_norm", "epoch"} <= set(run["history"][step])
+    evaluation = run["history"][20]
+    assert 0 < evaluation["eval_accuracy"] <= 1
+    assert {"eval_loss", "eval_samples", "eval/class_acc/cat", "experts/block1/conv0", "experts/block1/conv1"} <= set(evaluation)
+    assert evaluation["experts/block0/conv0"] == pytest.approx(1.0)  # a one-conv block: softmax over one
+    assert evaluation["experts/block1/conv0"] + evaluation["experts/block1/conv1"] == pytest.approx(1.0)
+    # Media are nested values; read_offline_run joins their keys with "/".
+    assert evaluation["eval/samples/_type"] == "images/separated" and evaluation["eval/samples/count"] == 8
+    assert evaluation["eval/samples/captions"][0].startswith("pred: ")
+    assert evaluation["eval/confusion_matrix_table/nrows"] == 100  # (true, predicted, count) for 10 x 10 classes
+    assert evaluation["experts/block1/weights/_type"] == "histogram"
+    assert run["summary"]["best_eval_accuracy"] == 0.5
+    assert {"train.batch_size", "optim.lr", "device", "num_processes", "git_commit"} <= run["config"]
+    assert run["exit_code"] == 0
+
+    rows = read_metrics(output_dir)
+    assert [row["step"] for row in rows] == [10, 20, 20]
+    assert rows[-1]["eval_accuracy"] == evaluation["eval_accuracy"]
+    confusion = json.loads((output_dir / "confusion.json").read_text())
+    assert confusion["step"] == 20 and confusion["classes"][3] == "cat"
+
+
+def test_resumed_run_keeps_the_id_and_steps_continue(tmp_path, offline_wandb, model):
+    output_dir = tmp_path / "run"
+    first = make_tracker(make_config("wandb", plots=False), output_dir)  # no id yet: the tracker makes one
+    train_and_evaluate(first, model, steps=[10, 20], epoch=1)
+    first.finish(exit_code=1)  # e.g. preempted
+    run_id = first.run_id
+
+    second = make_tracker(make_config("wandb", plots=False), output_dir, run_id=run_id)  # id read back from the checkpoint
+    assert second.run_id == run_id
+    train_and_evaluate(second, model, steps=[30, 40], epoch=2)
+    second.finish()
+
+    # Offline, each attempt gets its own folder; `wandb sync` appends both to the one run.
+    before, after = offline_runs(output_dir, count=2)
+    assert before["id"] == after["id"] == run_id
+    assert sorted(before["history"]) == [10, 20] and sorted(after["history"]) == [30, 40]
+    assert (before["exit_code"], after["exit_code"]) == (1, 0)
+    assert [row["step"] for row in read_metrics(output_dir)] == [10, 20, 20, 30, 40, 40]
+
+
+def test_report_to_none_writes_metrics_but_no_wandb_files(tmp_path, model):
+    assert report_to(TrackingConfig(report_to="auto")) == "none"  # no mode, key or ~/.netrc here
+    output_dir = tmp_path / "run"
+    tracker = make_tracker(make_config("auto", plots=False), output_dir)
+    assert tracker.report_to == "none"
+    train_and_evaluate(tracker, model, steps=[5], epoch=1)
+    tracker.finish()
+
+    assert [row["step"] for row in read_metrics(output_dir)] == [5, 5]
+    assert (output_dir / "confusion.json").is_file()
+    assert not list(tmp_path.rglob("wandb")) and not (tmp_path / "wandb_dir").exists()
+    assert not list(output_dir.glob("*.png")), "plots are off"
+
+
+def test_auto_picks_wandb_from_mode_key_or_netrc(tmp_path, monkeypatch):
+    auto = TrackingConfig(report_to="auto")
+    assert report_to(TrackingConfig(report_to="tensorboard")) == "tensorboard"
+    assert report_to(auto) == "none"
+    (tmp_path / "home" / ".netrc").write_text("machine example.com login me password secret\n")
+    assert report_to(auto) == "none"
+    (tmp_path / "home" / ".netrc").write_text("machine api.wandb.ai login user password 0123456789\n")
+    assert report_to(auto) == "wandb"
+    monkeypatch.setenv("HOME", str(tmp_path))  # no .netrc there
+    assert report_to(auto) == "none"
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789")
+    assert report_to(auto) == "wandb"
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert report_to(auto) == "wandb"
+
+
+def test_wandb_without_credentials_prints_one_hint_and_goes_on(tmp_path, capsys, model):
+    output_dir = tmp_path / "run"
+    tracker = make_tracker(make_config("wandb", plots=False), output_dir)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "wandb login" in lines[0] and "WANDB_API_KEY" in lines[0] and "WANDB_MODE=offline" in lines[0]
+    assert tracker.report_to == "none"
+
+    train_and_evaluate(tracker, model, steps=[3, 6], epoch=1)
+    tracker.finish()
+    assert [row["step"] for row in read_metrics(output_dir)] == [3, 6, 6]
+    assert not tracker.accelerator.trackers
+
+
+def test_plots_are_images_and_follow_training(tmp_path, model):
+    output_dir = tmp_path / "run"
+    tracker = make_tracker(make_config("none"), output_dir)
+    train_and_evaluate(tracker, model, steps=[10, 20], epoch=1)
+    tracker.finish()  # waits for the background redraw and draws the final state
+    first = {name: (output_dir / name).read_bytes() for name in ("curves.png", "confusion.png")}
+    for name in first:
+        pixels = matplotlib.image.imread(output_dir / name)
+        assert pixels.ndim == 3 and min(pixels.shape[:2]) > 300
+
+    tracker = make_tracker(make_config("none"), output_dir)  # a resumed run appends
+    train_and_evaluate(tracker, model, steps=[30, 40], epoch=2)
+    tracker.finish()
+    for name, old_bytes in first.items():
+        assert (output_dir / name).read_bytes() != old_bytes, f"{name} did not change"
+
+
+def test_read_series_lets_a_resumed_run_replace_the_old_tail(tmp_path):
+    rows = [(10, 3.0), (20, 2.0), (30, 1.0), (20, 2.5), (30, 1.5), (40, 1.2)]  # resumed from step 10
+    lines = [json.dumps({"step": step, "train_loss": loss}) for step, loss in rows]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 50, "train_lo')  # half-written line
+    assert plot.read_series(tmp_path / "metrics.jsonl")["train_loss"] == [(10, 3.0), (20, 2.5), (30, 1.5), (40, 1.2)]
+
+
+def run_plot_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distcifar.plot", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": step, "train_loss": 1 / step, "lr": 0.1}) + "\n" for step in range(1, 20))
+        + json.dumps({"step": 19, "eval_accuracy": 0.4, "eval_loss": 1.2}) + "\n"
+    )
+    plot.write_confusion(output_dir, [[5, 1], [2, 7]], ["cat", "dog"], step=19, epoch=1, split="val")
+
+    result = run_plot_cli(str(output_dir))
+    assert result.returncode == 0, result.stderr
+    for name in ("curves.png", "confusion.png"):
+        assert matplotlib.image.imread(output_dir / name).ndim == 3
+
+    for bad_dir in (tmp_path / "missing", tmp_path):  # no folder; a folder without metrics.jsonl
+        result = run_plot_cli(str(bad_dir))
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:"), result.stderr
