@@ -1,0 +1,108 @@
+"""Shared test fixtures: a synthetic dataset in the hub's schema, and a runner for real training processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# A network small enough for CPU tests that are about the loop, not the seed network's accuracy.
+TINY_MODEL = ["--model.block_channels", "[8,8,16,16,24,24]", "--model.classifier_hidden", "[32]"]
+
+
+def make_images(labels, seed: int = 0, size: int = 32, mode: str = "RGB"):
+    """Learnable synthetic images: a class-specific colour and stripe pattern plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(40, 216, size=(10, 3))
+    images = []
+    for label in labels:
+        pixels = np.clip(palette[label] + rng.normal(0, 25, size=(size, size, 3)), 0, 255)
+        pixels[:, (label % 5) * 6 : (label % 5) * 6 + 3] = 255 if label < 5 else 0
+        image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+        images.append(image.convert(mode) if mode != "RGB" else image)
+    return images
+
+
+def write_parquet_dataset(folder: Path, train_rows: int = 256, test_rows: int = 101, *, column: str = "img",
+                          mode: str = "RGB", size: int = 32, bad_label: int | None = None) -> Path:
+    """A dataset with the hub's cifar10 features, as train.parquet and test.parquet in `folder`."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows, seed in (("train", train_rows, 1), ("test", test_rows, 2)):
+        labels = [int(x) for x in np.random.default_rng(seed).integers(0, 10, rows)]
+        features = datasets.Features({column: datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+        images = make_images(labels, seed, size, mode)
+        if bad_label is not None:
+            labels[3] = bad_label
+            features["label"] = datasets.Value("int64")
+        datasets.Dataset.from_dict({column: images, "label": labels}, features=features).to_parquet(folder / f"{split}.parquet")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    return write_parquet_dataset(tmp_path_factory.mktemp("synthetic") / "cifar10")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    path = os.environ.get("DISTCIFAR_TEST_DATA")
+    if not path or not Path(path).is_dir():
+        pytest.skip("set DISTCIFAR_TEST_DATA to a local CIFAR-10 copy (train.parquet, test.parquet) for real-data tests")
+    return Path(path)
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("DISTCIFAR_CACHE", str(tmp_path_factory.getbasetemp() / "decoded-cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(processes: int = 1, launcher: str = "accelerate", script: str = "distcifar/train.py") -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    if launcher == "python":
+        return [sys.executable, script]
+    if processes == 1:
+        return [str(bin_dir / "accelerate"), "launch", "--config_file", "launch/cpu.yaml", script]
+    return [str(bin_dir / "accelerate"), "launch", "--config_file", "launch/cpu_multi.yaml",
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), script]
+
+
+def train_args(output_dir: Path, data: Path, *extra: str) -> list[str]:
+    """A tiny, fast run of train.py on `data`: 256 images, batch 32, 2 epochs."""
+    return [
+        "--output_dir", str(output_dir), "--data.path", str(data), *TINY_MODEL,
+        "--train.epochs", "2", "--train.batch_size", "32", "--train.eval_batch_size", "50",
+        "--train.log_every", "1", "--tracking.report_to", "none", "--optim.lr", "0.05", *extra,
+    ]
+
+
+def run(command: list[str], timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
