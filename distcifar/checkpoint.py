@@ -83,7 +83,7 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return {"state": dict(sorted(state.items())), "param_groups": meta["param_groups"]}
 
 
 # ---------------------------------------------------------------------------------------------
