@@ -231,8 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     loss_sum = torch.zeros((), device=accelerator.device)
     window = {"images": 0, "time": time.perf_counter(), "steps": 0}
     result, exit_signal = None, 0
-    progress = tqdm(total=max_steps, initial=trainer["global_step"], disable=not accelerator.is_local_main_process,
-                    desc="train", dynamic_ncols=True)
+    # A live bar in a terminal; in a log file (SLURM, CI) plain log lines instead of carriage returns.
+    interactive = sys.stderr.isatty()
+    progress = tqdm(total=max_steps, initial=trainer["global_step"], desc="train", dynamic_ncols=True,
+                    disable=not (accelerator.is_local_main_process and interactive))
     epoch = trainer["epoch"]
     while epoch < cfg.train.epochs and trainer["global_step"] < max_steps and not exit_signal:
         epoch_started = time.perf_counter()
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
                     metrics["rank_weight_max_diff"] = (sums.max() - sums.min()).item()
                 tracker.log(metrics, step=global_step)
                 progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+                if not interactive:
+                    accelerator.print(f"step {global_step}/{max_steps} epoch {metrics['epoch']:.2f} loss "
+                                      f"{metrics['train_loss']:.4f} lr {metrics['lr']:.3e} {metrics['images_per_second']:.0f} images/s")
                 loss_sum.zero_()
                 window.update(images=0, time=time.perf_counter(), steps=0)
             end_of_epoch = step + 1 == steps_per_epoch

@@ -22,7 +22,9 @@
 #   MAIN_ADDR       address of the first node      (default: its NodeAddr from scontrol)
 #   MAIN_PORT       rendezvous port                (default 20000 + job id % 10000)
 #   SRUN_WAIT       seconds to wait for the other nodes once one node's task has ended, then
-#                   kill them (a failed node must not leave the others hanging) (default 120)
+#                   kill them (a failed node must not leave the others hanging) (default 300)
+#   PROJECT_DIR     project root                   (default: the job's working directory, i.e.
+#                                                  where sbatch ran, or --chdir)
 #
 # Preemption / time limit: Slurm sends SIGUSR1 to this batch shell 300 s before the time
 # limit (--signal=B:USR1@300); `scancel --signal=USR1 --full JOBID` does the same by hand.
@@ -45,16 +47,32 @@ set -u
 log() { echo "[train.sh $(date +%H:%M:%S)] $*"; }
 fail() { echo "[train.sh] ERROR: $*" >&2; exit 2; }
 
+# Signals to this batch shell. SIGUSR1 (--signal=B:USR1@..., or scancel --signal=USR1):
+# stop with a checkpoint, then requeue. SIGTERM/SIGINT (scancel, time limit): stop, no requeue.
+REQUEUE=0
+STOPPED=0
+SRUN_PID=
+on_usr1() {
+    if [ "$REQUEUE" = 0 ]; then
+        REQUEUE=1
+        log "SIGUSR1: telling training to checkpoint and stop; the job will be requeued"
+        [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+    fi
+}
+on_term() { STOPPED=1; log "SIGTERM/SIGINT: training checkpoints and stops; no requeue"; }
+trap on_usr1 USR1
+trap on_term TERM INT
+
 [ -n "${SLURM_JOB_ID:-}" ] || fail "submit with sbatch: sbatch slurm/train.sh [ARGS]"
 
-PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+PROJECT_DIR=${PROJECT_DIR:-$PWD}  # the job starts in the submit dir (or --chdir)
 cd "$PROJECT_DIR" || fail "cannot cd to $PROJECT_DIR"
 [ -f distcifar/train.py ] || fail "no distcifar/train.py in $PROJECT_DIR: submit from the project root"
 
 CONFIG=${CONFIG:-configs/default.yaml}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-distcifar}}
 MAX_RESTARTS=${MAX_RESTARTS:-10}
-SRUN_WAIT=${SRUN_WAIT:-120}
+SRUN_WAIT=${SRUN_WAIT:-300}
 RESTART=${SLURM_RESTART_COUNT:-0}
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 
@@ -141,35 +159,23 @@ done
 exit "$rc"
 '
 
-REQUEUE=0
-STOPPED=0
-SRUN_PID=
-on_usr1() {
-    if [ "$REQUEUE" = 0 ]; then
-        REQUEUE=1
-        log "SIGUSR1: telling training to checkpoint and stop; the job will be requeued"
-        [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
-    fi
-}
-on_term() { STOPPED=1; log "SIGTERM/SIGINT: training checkpoints and stops; no requeue"; }
-trap on_usr1 USR1
-trap on_term TERM INT
-
 export PROCS_PER_NODE NNODES
 LABEL=()
 [ "$NNODES" -gt 1 ] && LABEL=(--label)
-srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${LABEL[@]}" \
-    bash -c "$NODE_SCRIPT" train-node "${CMD[@]}" &
-SRUN_PID=$!
-# a SIGUSR1 that came before srun started
-[ "$REQUEUE" = 1 ] && kill -USR1 "$SRUN_PID" 2>/dev/null
-
-while :; do
-    wait "$SRUN_PID"; RC=$?
-    if [ "$RC" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
-    if [ "$RC" -gt 128 ]; then wait "$SRUN_PID" 2>/dev/null; R2=$?; [ "$R2" != 127 ] && RC=$R2; fi
-    break
-done
+if [ "$REQUEUE" = 1 ]; then
+    RC=143  # SIGUSR1 before training started: just requeue
+else
+    srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${LABEL[@]}" \
+        bash -c "$NODE_SCRIPT" train-node "${CMD[@]}" &
+    SRUN_PID=$!
+    while :; do
+        wait "$SRUN_PID"; RC=$?
+        # a trapped signal interrupts wait: keep waiting while srun runs
+        if [ "$RC" -gt 128 ] && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
+        if [ "$RC" -gt 128 ]; then wait "$SRUN_PID" 2>/dev/null; R2=$?; [ "$R2" != 127 ] && RC=$R2; fi
+        break
+    done
+fi
 
 if [ "$RC" = 0 ]; then
     log "training finished (output in $OUTPUT_DIR)"

@@ -43,6 +43,9 @@ pytestmark = [
 ]
 
 NODES = 2
+# job ids restart at 1 when the test cluster is brought up again; a per-session job name keeps
+# logs/<name>-<id>.out from appending to an old log
+SESSION = f"{os.getpid()}"
 # configs/smoke.yaml plus periodic checkpoints; identical for (a) and (b) so (a) is (b)'s
 # reference. fp32: bf16 autocast on a CPU without native bf16 is ~50x slower.
 TRAIN_ARGS = ["--checkpoint.every_steps", "3", "--train.mixed_precision", "no", "--tracking.report_to", "none"]
@@ -107,7 +110,7 @@ def final_weights(output_dir: Path) -> dict:
 def reference_run(tmp_path_factory):
     """Test (a)'s job: an uninterrupted 2-node run. (output_dir, job id, job info)."""
     out = tmp_path_factory.mktemp("slurm-a") / "run"
-    name = "distcifar-test-a"
+    name = f"distcifar-test-a-{SESSION}"
     job = submit(name, out, TRAIN_ARGS)
     info = wait_for(job, name, timeout=600)
     return out, name, job, info
@@ -131,7 +134,7 @@ def test_two_node_run(reference_run):
 def test_usr1_checkpoints_requeues_and_resumes(reference_run, tmp_path):
     ref_out = reference_run[0]
     out = tmp_path / "run"
-    name = "distcifar-test-b"
+    name = f"distcifar-test-b-{SESSION}"
     job = submit(name, out, TRAIN_ARGS)
     # wait for the first periodic checkpoint, then "preempt"
     deadline = time.monotonic() + 300
@@ -162,8 +165,8 @@ def test_bad_submission_fails_fast_without_requeue(tmp_path):
     # both at once: the unknown key on 2 nodes (accelerate launch), the missing path on 1 node
     # (plain python); the cluster runs them side by side or one after the other
     cases = {
-        "distcifar-test-c1": (["--train.no_such_key", "1"], NODES, "no_such_key"),
-        "distcifar-test-c2": (["--data.path", str(tmp_path / "missing")], 1, "missing"),
+        f"distcifar-test-c1-{SESSION}": (["--train.no_such_key", "1"], NODES, "no_such_key"),
+        f"distcifar-test-c2-{SESSION}": (["--data.path", str(tmp_path / "missing")], 1, "missing"),
     }
     started = time.monotonic()
     jobs = {name: submit(name, tmp_path / name, args, nodes=nodes) for name, (args, nodes, _) in cases.items()}
