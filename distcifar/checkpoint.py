@@ -210,7 +210,8 @@ class Checkpointer:
                 read_verified(path)
                 return path
             except CheckpointError as err:
-                self.accelerator.print(f"warning: skipping damaged checkpoint: {err}")
+                if self.accelerator.is_main_process:
+                    print(f"warning: skipping damaged checkpoint: {err}", flush=True)
         return None
 
     def load(self, path: Path, *, model, config: dict, optimizer=None, scheduler=None) -> dict:

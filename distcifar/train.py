@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch distcifar/tr
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -35,6 +35,12 @@ from distcifar.config import Config, ConfigError, OptimConfig, load_config
 from distcifar.data import DataError, Split, TrainBatches, load_splits, normalize
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
+
+
+def print_once(*args) -> None:
+    """Print on the main process only (accelerator.print prints once per node)."""
+    if PartialState().is_main_process:
+        print(*args, flush=True)
 
 
 def usage_error(message: str) -> None:
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         if not cfg.checkpoint.weights_only:
             trainer.update({k: saved[k] for k in trainer})
             run_id = saved.get("tracker_run_id")
-        accelerator.print(f"resumed from {resume_from} at step {saved['global_step']}"
+        print_once(f"resumed from {resume_from} at step {saved['global_step']}"
                           + (" (weights only)" if cfg.checkpoint.weights_only else ""))
 
     if accelerator.is_main_process:
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                 "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     tracker = tracking.Tracker(accelerator, cfg, out, run_id, hardware)
     sample = Split(eval_split.images[:32], eval_split.labels[:32])
-    accelerator.print(
+    print_once(
         f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {world} process(es) on "
         f"{accelerator.device} ({accelerator.distributed_type}), {accelerator.mixed_precision} | global batch "
         f"{cfg.train.batch_size} = {batches.micro_batch} per device x {world} processes x "
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     # A live bar in a terminal; in a log file (SLURM, CI) plain log lines instead of carriage returns.
     interactive = sys.stderr.isatty()
     progress = tqdm(total=max_steps, initial=trainer["global_step"], desc="train", dynamic_ncols=True,
-                    disable=not (accelerator.is_local_main_process and interactive))
+                    disable=not (accelerator.is_main_process and interactive))
     epoch = trainer["epoch"]
     while epoch < cfg.train.epochs and trainer["global_step"] < max_steps and not exit_signal:
         epoch_started = time.perf_counter()
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 tracker.log(metrics, step=global_step)
                 progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
                 if not interactive:
-                    accelerator.print(f"step {global_step}/{max_steps} epoch {metrics['epoch']:.2f} loss "
+                    print_once(f"step {global_step}/{max_steps} epoch {metrics['epoch']:.2f} loss "
                                       f"{metrics['train_loss']:.4f} lr {metrics['lr']:.3e} {metrics['images_per_second']:.0f} images/s")
                 loss_sum.zero_()
                 window.update(images=0, time=time.perf_counter(), steps=0)
@@ -296,13 +302,13 @@ def main(argv: list[str] | None = None) -> None:
             trainer["best_accuracy"] = max(best or 0.0, result["eval_accuracy"])
             tracker.log_eval(result, step=trainer["global_step"], model=accelerator.unwrap_model(model),
                              sample_images=sample.images, sample_labels=sample.labels)
-            accelerator.print(f"epoch {epoch}: {eval_name} accuracy {result['eval_accuracy']:.4f}, loss {result['eval_loss']:.4f}")
+            print_once(f"epoch {epoch}: {eval_name} accuracy {result['eval_accuracy']:.4f}, loss {result['eval_loss']:.4f}")
         if last_save["step"] != trainer["global_step"] and (finished_epoch or last):
             save(epoch, trainer["step_in_epoch"], eval_accuracy=result["eval_accuracy"] if result else None)
     progress.close()
 
     if exit_signal:
-        accelerator.print(f"stopped by signal {exit_signal} at step {trainer['global_step']}; checkpoint saved, resume with the same command")
+        print_once(f"stopped by signal {exit_signal} at step {trainer['global_step']}; checkpoint saved, resume with the same command")
         tracker.finish(exit_code=128 + exit_signal)
         accelerator.end_training()
         sys.exit(128 + exit_signal)

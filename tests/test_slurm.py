@@ -43,11 +43,11 @@ pytestmark = [
 ]
 
 NODES = 2
-# job ids restart at 1 when the test cluster is brought up again; a per-session job name keeps
+# job ids can repeat (a test cluster set up afresh): a per-session job name keeps
 # logs/<name>-<id>.out from appending to an old log
 SESSION = f"{os.getpid()}"
 # configs/smoke.yaml plus periodic checkpoints; identical for (a) and (b) so (a) is (b)'s
-# reference. fp32: bf16 autocast on a CPU without native bf16 is ~50x slower.
+# reference. fp32 and no W&B whatever the CPU and environment: fast and deterministic.
 TRAIN_ARGS = ["--checkpoint.every_steps", "3", "--train.mixed_precision", "no", "--tracking.report_to", "none"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REQUEUE_HOLD", "SPECIAL_EXIT"}
