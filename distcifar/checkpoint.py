@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
+from distcifar.config import flatten
+
 FORMAT = "distcifar-checkpoint/1"
 
 
@@ -241,17 +243,10 @@ RESUME_MUST_MATCH = ("model", "data", "train.batch_size", "train.seed")
 WHERE_DATA_LIVES = ("data.path", "data.cache_dir")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
 def check_compatible(saved: dict, current: dict, weights_only: bool) -> None:
     """Raise CheckpointError naming every field that differs between the saved and current config."""
     must_match = ("model",) if weights_only else RESUME_MUST_MATCH
-    saved_flat, current_flat = _flat(saved), _flat(current)
+    saved_flat, current_flat = flatten(saved), flatten(current)
     differing = [
         f"{key} (checkpoint {saved_flat.get(key)!r}, now {current_flat.get(key)!r})"
         for key in sorted(set(saved_flat) | set(current_flat))

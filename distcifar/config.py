@@ -183,11 +183,12 @@ def _set(cfg: Config, dotted: str, value, from_cli: bool) -> None:
                 raise ConfigError(f"'{'.'.join(parts[:depth + 1])}' is not a section")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}"""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -278,7 +279,7 @@ def load_config(argv: list[str]) -> Config:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of sections, got {type(tree).__name__}")
-        for key, value in _flatten(tree).items():
+        for key, value in flatten(tree).items():
             _set(cfg, key, value, from_cli=False)
     for key, value in pairs:
         if key != "config":
@@ -290,6 +291,6 @@ def load_config(argv: list[str]) -> Config:
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from its `to_dict()` form (as stored in checkpoints)."""
     cfg = Config()
-    for key, value in _flatten(tree).items():
+    for key, value in flatten(tree).items():
         _set(cfg, key, value, from_cli=False)
     return cfg

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 
 from distcifar import plot
-from distcifar.config import Config, TrackingConfig, _flatten
+from distcifar.config import Config, TrackingConfig, flatten
 from distcifar.data import CLASSES, normalize
 
 WANDB_HINT = "run `wandb login`, or set WANDB_API_KEY, or set WANDB_MODE=offline (and `wandb sync` later)"
@@ -85,7 +85,7 @@ class Tracker:
 
     def _start(self, hardware: dict) -> None:
         tracking = self.cfg.tracking
-        run_config = {**_flatten(self.cfg.to_dict()), **hardware, "git_commit": _git_commit()}
+        run_config = {**flatten(self.cfg.to_dict()), **hardware, "git_commit": _git_commit()}
         if self.report_to == "tensorboard":  # add_hparams takes only numbers, strings and bools
             run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_config.items()}
         wandb_kwargs = {
