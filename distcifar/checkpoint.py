@@ -159,7 +159,7 @@ class Checkpointer:
         final = self.root / f"step_{step:08d}"
         if acc.is_main_process:
             started = time.perf_counter()
-            weights = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(model).state_dict().items()}
+            weights = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(model, keep_torch_compile=False).state_dict().items()}
             opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
             rng_tensors = {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))}
             full_state = dict(state, global_step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
@@ -222,7 +222,7 @@ class Checkpointer:
         _, blobs = read_verified(Path(path))
         state = json.loads(blobs["state.json"])
         check_compatible(state["config"], config, weights_only=optimizer is None)
-        self.accelerator.unwrap_model(model).load_state_dict(load(blobs["model.safetensors"]))
+        self.accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load(blobs["model.safetensors"]))
         if optimizer is None:
             return state
         optimizer.load_state_dict(optimizer_from_files(load(blobs["optimizer.safetensors"]), state["optimizer"]))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from distcifar import tracking
@@ -49,7 +49,13 @@ def usage_error(message: str) -> None:
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    on_gpu = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        usage_error(
+            f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} tasks of train.py without a launcher; refusing to "
+            "train unsynchronised copies. Use `sbatch slurm/train.sh` (one accelerate launch per node)."
+        )
+    # ACCELERATE_USE_CPU: launch/cpu.yaml (or --cpu) on a machine that has GPUs.
+    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     precision = cfg.train.mixed_precision
     if precision == "auto":  # bf16 where the hardware has it; emulated bf16 on CPU is ~10x slower than fp32
         if on_gpu:
@@ -202,15 +208,15 @@ def main(argv: list[str] | None = None) -> None:
         if not cfg.checkpoint.weights_only:
             trainer.update({k: saved[k] for k in trainer})
             run_id = saved.get("tracker_run_id")
-        print_once(f"resumed from {resume_from} at step {saved['global_step']}"
-                          + (" (weights only)" if cfg.checkpoint.weights_only else ""))
+        weights_only = " (weights only)" if cfg.checkpoint.weights_only else ""
+        print_once(f"resumed from {resume_from} at step {saved['global_step']}{weights_only}")
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     hardware = {"device": str(accelerator.device), "num_processes": world,
                 "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type),
-                "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+                "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"}
     tracker = tracking.Tracker(accelerator, cfg, out, run_id, hardware)
     sample = Split(eval_split.images[:32], eval_split.labels[:32])
     print_once(
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             loss, grad_norm = train_step(accelerator, model, optimizer, micro_batches, cfg.optim, logging_step)
             loss_sum += loss
             # One optimizer step done.
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             trainer["global_step"] += 1
             trainer["step_in_epoch"] = step + 1
@@ -260,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
                 seconds = time.perf_counter() - window["time"]
                 metrics = {
                     "epoch": epoch + (step + 1) / steps_per_epoch,
-                    "train_loss": loss_sum.item() / window["steps"],
-                    "lr": scheduler.get_last_lr()[0],
+                    "train_loss": accelerator.reduce(loss_sum, "mean").item() / window["steps"],
+                    "lr": lr,
                     "grad_norm": float(grad_norm),
                     "images_per_second": window["images"] / seconds,
                     "images_per_second_per_process": window["images"] / seconds / world,
@@ -297,12 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         last = epoch >= cfg.train.epochs or trainer["global_step"] >= max_steps
         if last or (finished_epoch and epoch % cfg.train.eval_every_epochs == 0):
             result = evaluate(model, eval_loader, accelerator, cfg.model.num_classes, batches.memory_format)
-            result.update(epoch=epoch, eval_split=eval_name)
+            result.update(epoch=epoch + trainer["step_in_epoch"] / steps_per_epoch, eval_split=eval_name)
             best = trainer["best_accuracy"]
             trainer["best_accuracy"] = max(best or 0.0, result["eval_accuracy"])
-            tracker.log_eval(result, step=trainer["global_step"], model=accelerator.unwrap_model(model),
+            tracker.log_eval(result, step=trainer["global_step"], model=accelerator.unwrap_model(model, keep_torch_compile=False),
                              sample_images=sample.images, sample_labels=sample.labels)
-            print_once(f"epoch {epoch}: {eval_name} accuracy {result['eval_accuracy']:.4f}, loss {result['eval_loss']:.4f}")
+            print_once(f"epoch {result['epoch']:g}: {eval_name} accuracy {result['eval_accuracy']:.4f}, loss {result['eval_loss']:.4f}")
         if last_save["step"] != trainer["global_step"] and (finished_epoch or last):
             save(epoch, trainer["step_in_epoch"], eval_accuracy=result["eval_accuracy"] if result else None)
     progress.close()
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         "tracker_run_id": tracker.run_id,
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "final", config=cfg.model)
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(out / "final", config=cfg.model)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "per_class_accuracy"}))
     tracker.finish(summary)
