@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -214,8 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. the training loop comes first, so that its first step measures the startup -----------
     accelerator = build_accelerator(cfg)
-    # A throwaway output folder, made by the main process and shared by all (checkpoints are loaded by every rank).
-    root = [tempfile.mkdtemp(prefix="distcifar-bench-") if accelerator.is_main_process else None]
+    # A throwaway output folder from the main process for all ranks (every rank loads the checkpoints);
+    # TemporaryDirectory deletes it at exit, also after an error.
+    scratch = tempfile.TemporaryDirectory(prefix="distcifar-bench-") if accelerator.is_main_process else None
+    root = [scratch.name if scratch else None]
     broadcast_object_list(root)
     cfg.output_dir, out = root[0], Path(root[0])
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(report(result), flush=True)
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
+        scratch.cleanup()
     accelerator.end_training()
     return result
 
