@@ -20,8 +20,10 @@ It measures
 
 (1) and (2) take turns (step by step on a CPU, run by run on a GPU) so that the load of other jobs
 hits both alike; each figure is the median over --repeats timed runs of --steps optimizer steps,
-after --warmup steps. On a CPU it also gives CPU seconds per step, which other jobs disturb less. Throughputs are per process. With --output FILE the figures go to a JSON file.
---quick shrinks the model, batch and step counts: it only proves that everything runs.
+after --warmup steps, per process. On a CPU it also gives CPU seconds per step, which other jobs
+disturb less. With --data.path, "dataset load" is load_splits (importing `datasets` included).
+With --output FILE the figures also go to a JSON file. --quick shrinks the model, batch and step
+counts: it only proves that everything runs.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from distcifar.train import agree, build_accelerator, train_step, usage_error
 QUICK_OVERRIDES = ["--model.block_channels", "[8,8,16,16,32,32]", "--model.classifier_hidden", "[32]",
                    "--train.batch_size", "32", "--data.train_limit", "1024"]
 QUICK_COUNTS = dict(warmup=1, steps=2, repeats=1, data_steps=4)
-TARGETS = {"loop_vs_bare_ratio": ">= 0.95", "data_vs_step_ratio": ">= 20", "checkpoint_save_seconds": "<= 0.5"}
 
 
 def sync(device: torch.device) -> None:
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     load_average.append(os.getloadavg()[0])
 
+    runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]  # paired: same load
     median = {name: statistics.median(values) for name, values in runs.items()}
     result = {
         "bare_images_per_second": median["bare"],
@@ -375,9 +377,9 @@ def report(r: dict) -> str:
     rows = [
         ("1. bare PyTorch step", f"{r['bare_images_per_second']:.1f} images/s", spread(runs["bare"], ".1f")),
         ("2. train.py step", f"{r['loop_images_per_second']:.1f} images/s", spread(runs["loop"], ".1f")),
-        ("3. data pipeline", f"{r['data_images_per_second']:.0f} images/s",
-         f"{r['data_batches_per_second']:.1f} batches/s"),
-        ("4. checkpoint save", f"{r['checkpoint_save_seconds']:.3f} s", spread(runs["checkpoint_save"], ".3f")),
+        ("3. data pipeline", f"{r['data_images_per_second']:.0f} images/s", f"{r['data_batches_per_second']:.1f} batches/s"),
+        ("4. checkpoint save", f"{r['checkpoint_save_seconds']:.3f} s",
+         f"{spread(runs['checkpoint_save'], '.3f')} ({r['checkpoint_megabytes']:.0f} MB)"),
         ("   checkpoint load", f"{r['checkpoint_load_seconds']:.3f} s", spread(runs["checkpoint_load"], ".3f")),
         ("5. launch -> first step", f"{r['startup_seconds']:.1f} s",
          f"({r['imports_seconds']:.1f} s imports) + {r['first_step_seconds']:.1f} s first step "
@@ -385,15 +387,11 @@ def report(r: dict) -> str:
     ]
     if r["dataset_load_seconds"] is not None:
         rows.append(("   of which dataset load", f"{r['dataset_load_seconds']:.1f} s", ""))
-    rows += [
-        ("loop / bare", f"{r['loop_vs_bare_ratio']:.3f}", f"target {TARGETS['loop_vs_bare_ratio']}"),
-    ]
+    rows.append(("loop / bare", f"{r['loop_vs_bare_ratio']:.3f}", f"run by run {spread(runs['loop_vs_bare'], '.3f')}"))
     if r["loop_vs_bare_cpu_ratio"] is not None:
         rows.append(("loop / bare in CPU time", f"{r['loop_vs_bare_cpu_ratio']:.3f}",
                      f"{r['bare_cpu_seconds_per_step']:.2f} vs {r['loop_cpu_seconds_per_step']:.2f} CPU s/step"))
-    rows += [
-        ("data / loop", f"{r['data_vs_step_ratio']:.1f}", f"target {TARGETS['data_vs_step_ratio']}"),
-    ]
+    rows.append(("data / loop", f"{r['data_vs_step_ratio']:.1f}", ""))
     header = (f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, "
               f"{r['num_processes']} process(es), precision {r['mixed_precision']}, channels_last "
               f"{r['channels_last']}, compile {r['compile']}\nbatch {r['batch_size']} = {r['micro_batch_size']} "
@@ -401,8 +399,9 @@ def report(r: dict) -> str:
               f"parameters | {r['data']} | {r['repetitions']} x {r['steps']} steps after {r['warmup']} warm-up | "
               f"load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}")
     width = max(len(name) for name, _, _ in rows)
-    lines = [f"  {name:<{width}}  {value:>18}   {detail}" for name, value, detail in rows]
-    return "\n".join([header, f"  {'':<{width}}  {'median':>18}   runs", *lines])
+    lines = [f"  {name:<{width}}  {value:>16}   {detail}".rstrip() for name, value, detail in rows]
+    targets = "  targets (seed network, batch 128, 2-core CPU): loop / bare >= 0.95, data / loop >= 20, save <= 0.5 s"
+    return "\n".join([header, f"  {'':<{width}}  {'median':>16}   runs", *lines, targets])
 
 
 if __name__ == "__main__":
