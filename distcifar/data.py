@@ -174,10 +174,12 @@ def load_splits(cfg: DataConfig, num_classes: int = 10) -> tuple[Split, Split, s
 # Batching and augmentation on the device
 
 
-def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR10_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=images_uint8.device).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255 - mean) / std
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images, or floats in [0, 1], standardised with the CIFAR-10 mean and std."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def augment_params(batch: int, cfg: DataConfig, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
@@ -220,9 +222,7 @@ def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConf
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x)
 
 
 class TrainBatches:
