@@ -10,13 +10,14 @@ It measures
 
   1. bare:  the same network, micro-batch, precision and memory layout in a plain PyTorch loop
             (forward, backward, optimizer step) on one synthetic batch already on the device;
-  2. loop:  train.py's step: Accelerate-prepared model and optimizer, TrainBatches with augmentation
-            over a real-size uint8 training set on the device (synthetic unless --data.path is set),
-            train.train_step with accumulation, scheduler.step, the stop-flag agreement and the
-            tracking cadence (a real Tracker, every train.log_every steps). No progress bar, no eval;
+  2. loop:  train.py's steps: the same engine.build and the same engine.optimizer_steps generator
+            that train.py drives (augmented batches of a real-size uint8 training set on the device,
+            synthetic unless --data.path is set; accumulation, scheduler, logging every
+            train.log_every steps to a real Tracker, the stop/timer agreement). No progress bar, no
+            evaluation, no checkpoints;
   3. data:  TrainBatches.epoch alone, every micro-batch augmented and consumed, no model;
   4. checkpoint save and load with Checkpointer (to a temporary folder);
-  5. startup: seconds from the start of this process to the first train_step, and to its end.
+  5. startup: seconds from the start of this process to the first optimizer step, and to its end.
 
 (1) and (2) take turns (step by step on a CPU, run by run on a GPU) so that the load of other jobs
 hits both alike; each figure is the median over --repeats timed runs of --steps optimizer steps,
@@ -33,7 +34,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,11 +51,13 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from distcifar import tracking
 from distcifar.checkpoint import Checkpointer
-from distcifar.config import ConfigError, load_config
-from distcifar.data import DataError, Split, TrainBatches, load_splits
+from distcifar.config import parse_config
+from distcifar.data import Split, TrainBatches, load_splits
+from distcifar.engine import RunState, build, optimizer_steps
 from distcifar.model import DistCifarNet
-from distcifar.optim import build_optimizer, build_scheduler
-from distcifar.train import agree, build_accelerator, train_step, usage_error
+from distcifar.optim import build_optimizer
+from distcifar.cli import UsageError, entry_point
+from distcifar.runtime import build_accelerator, hardware
 
 # Tiny settings for --quick (CI): the network, batch and data shrink; explicit overrides still win.
 QUICK_OVERRIDES = ["--model.block_channels", "[8,8,16,16,32,32]", "--model.classifier_hidden", "[32]",
@@ -79,16 +81,6 @@ def timed(steps, count: int, device: torch.device) -> tuple[float, float]:
         next(steps)
     sync(device)
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synthetic_split(size: int, num_classes: int) -> Split:
@@ -122,46 +114,6 @@ def bare_loop(model, optimizer, images, labels, accum: int, dtype, label_smoothi
         yield
 
 
-def train_loop(accelerator, model, optimizer, scheduler, batches: TrainBatches, tracker, cfg):
-    """train.py's loop body, line for line, without the progress bar, evaluation and checkpoints."""
-    world = accelerator.num_processes
-    check_every = 1 if accelerator.device.type == "cpu" else 10  # as train.py: stop-flag agreement
-    loss_sum = torch.zeros((), device=accelerator.device)
-    window = {"images": 0, "time": time.perf_counter(), "steps": 0}
-    global_step, epoch = 0, 0
-    model.train()
-    while True:
-        for step, micro_batches in batches.epoch(epoch):
-            logging_step = (global_step + 1) % cfg.train.log_every == 0
-            loss, grad_norm = train_step(accelerator, model, optimizer, micro_batches, cfg.optim, logging_step)
-            loss_sum += loss
-            scheduler.step()
-            global_step += 1
-            window["images"] += cfg.train.batch_size
-            window["steps"] += 1
-            if logging_step:
-                seconds = time.perf_counter() - window["time"]
-                metrics = {
-                    "epoch": epoch + (step + 1) / batches.steps_per_epoch,
-                    "train_loss": loss_sum.item() / window["steps"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "images_per_second": window["images"] / seconds,
-                    "images_per_second_per_process": window["images"] / seconds / world,
-                }
-                if world > 1:
-                    checksum = sum(p.detach().double().sum() for p in model.parameters())
-                    sums = accelerator.gather(checksum[None])
-                    metrics["rank_weight_max_diff"] = (sums.max() - sums.min()).item()
-                tracker.log(metrics, step=global_step)
-                loss_sum.zero_()
-                window.update(images=0, time=time.perf_counter(), steps=0)
-            if global_step % check_every == 0 or step + 1 == batches.steps_per_epoch:
-                agree(accelerator, 0, 0)  # train.py: (stop signal, checkpoint due) agreed by all ranks
-            yield
-        epoch += 1
-
-
 def data_loop(batches: TrainBatches):
     """Every micro-batch of every step, augmented, and nothing else."""
     epoch = 0
@@ -175,41 +127,35 @@ def data_loop(batches: TrainBatches):
 # ---------------------------------------------------------------------------------------------
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps before timing (each loop).")
+    parser.add_argument("--steps", type=int, default=5, help="Optimizer steps per timed run.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each loop; the median is reported.")
+    parser.add_argument("--data_steps", type=int, default=50, help="Micro-batches per timed run of the data pipeline.")
+    parser.add_argument("--quick", action="store_true", help="Tiny model and counts: proves that it runs (CI).")
+    parser.add_argument("--output", type=str, default=None, help="Also write the figures to this JSON file.")
+
+
 def parse(argv: list[str]):
-    parser = argparse.ArgumentParser(
-        prog="python -m distcifar.benchmark", allow_abbrev=False,
-        description="Throughput of train.py's step against a bare PyTorch loop, the data pipeline and checkpoints.",
-        epilog="Other options are config overrides as for train.py: --config FILE, --section.field VALUE.")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before timing (each loop)")
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop; the median is reported")
-    parser.add_argument("--data_steps", type=int, default=50, help="micro-batches per timed run of the data pipeline")
-    parser.add_argument("--quick", action="store_true", help="tiny model and counts: proves it runs (CI)")
-    parser.add_argument("--output", help="write the figures to this JSON file")
-    args, overrides = parser.parse_known_args(argv)
     defaults = []
-    if not torch.cuda.is_available() and not any(a == "--config" or a.startswith("--config=") for a in overrides):
+    if not torch.cuda.is_available() and not any(a == "--config" or a.startswith("--config=") for a in argv):
         defaults += ["--train.batch_size", "128"]
-    if args.quick:
+    if "--quick" in argv:  # its defaults go first, so that options given explicitly still win
         defaults += QUICK_OVERRIDES
-        for name, value in QUICK_COUNTS.items():
-            if f"--{name}" not in argv and not any(a.startswith(f"--{name}=") for a in argv):
-                setattr(args, name, value)
+        defaults += [f"--{name}={value}" for name, value in QUICK_COUNTS.items()]
+    cfg, args = parse_config(defaults + argv, prog="distcifar-benchmark", description=__doc__,
+                             add_arguments=add_arguments)
     if min(args.steps, args.repeats, args.data_steps) < 1 or args.warmup < 0:
-        usage_error("--steps, --repeats and --data_steps must be >= 1, --warmup >= 0")
-    try:
-        cfg = load_config(defaults + overrides)
-    except ConfigError as err:
-        usage_error(str(err))
+        raise UsageError("--steps, --repeats and --data_steps must be >= 1, --warmup >= 0")
     return args, cfg
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> dict:
     launched = psutil.Process().create_time()  # wall clock at process start (imports included)
     imports_seconds = time.time() - launched
     args, cfg = parse(sys.argv[1:] if argv is None else argv)
     cfg.tracking.report_to, cfg.tracking.plots, cfg.resume = "none", False, "never"
-    on_gpu = torch.cuda.is_available()
     load_average = [os.getloadavg()[0]]
 
     # 2. the training loop comes first, so that its first step measures the startup -----------
@@ -220,40 +166,24 @@ def main(argv: list[str] | None = None) -> dict:
     root = [scratch.name if scratch else None]
     broadcast_object_list(root)
     cfg.output_dir, out = root[0], Path(root[0])
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    device, world = accelerator.device, accelerator.num_processes
     set_seed(cfg.train.seed)
     data_started = time.perf_counter()
     if cfg.data.path:
-        try:
-            with accelerator.main_process_first():
-                train_split = load_splits(cfg.data, cfg.model.num_classes)[0]
-        except DataError as err:
-            usage_error(str(err))
+        with accelerator.main_process_first():
+            train_split, eval_split, _ = load_splits(cfg.data, cfg.model.num_classes)
     else:
         train_split = synthetic_split(cfg.data.train_limit or 50_000, cfg.model.num_classes)
+        eval_split = train_split.head(cfg.train.eval_batch_size)
     data_seconds = time.perf_counter() - data_started
-    try:
-        batches = TrainBatches(train_split, cfg.data, batch_size=cfg.train.batch_size,
-                               grad_accum_steps=cfg.train.grad_accum_steps, rank=rank, world_size=world,
-                               seed=cfg.train.seed, device=device, channels_last=cfg.train.channels_last)
-    except DataError as err:
-        usage_error(str(err))
-
-    model = DistCifarNet(cfg.model)
-    if cfg.train.sync_batchnorm and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, batches.steps_per_epoch, cfg.train.epochs * batches.steps_per_epoch)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    hardware = {"device": str(device), "num_processes": world, "mixed_precision": accelerator.mixed_precision,
-                "distributed_type": str(accelerator.distributed_type),
-                "device_name": torch.cuda.get_device_name() if on_gpu else cpu_name()}
-    tracker = tracking.Tracker(accelerator, cfg, out, None, hardware)
-    loop = train_loop(accelerator, model, optimizer, scheduler, batches, tracker, cfg)
+    parts = build(cfg, accelerator, eval_split, train_split)
+    batches = parts.batches
+    run_hardware = hardware(accelerator)
+    tracker = tracking.Tracker(accelerator, cfg, out, None, run_hardware)
+    checkpoints = Checkpointer(accelerator, out / "checkpoints", cfg.checkpoint, cfg.to_dict())
+    state = RunState(tracker_run_id=tracker.run_id)
+    loop = optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints,
+                           until=sys.maxsize)  # train.py's steps, exactly; one item per optimizer step
     startup_seconds = time.time() - launched
     first_step_seconds = timed(loop, 1, device)[0]
     launch_to_first_step = time.time() - launched
@@ -299,17 +229,14 @@ def main(argv: list[str] | None = None) -> dict:
     runs["data"] = [args.data_steps / timed(data, args.data_steps, device)[0] for _ in range(args.repeats)]
 
     # 4. checkpoints ----------------------------------------------------------------------
-    checkpoints = Checkpointer(accelerator, out / "checkpoints", cfg.checkpoint.keep)
-    state = dict(epoch=0, step_in_epoch=0, wall_seconds=0.0, best_accuracy=None, world_size=world,
-                 config=cfg.to_dict(), tracker_run_id=tracker.run_id)
     runs["checkpoint_save"], runs["checkpoint_load"] = [], []
     for repeat in range(args.repeats):
         sync(device)
         started = time.perf_counter()
-        path = checkpoints.save(step=repeat + 1, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
+        path = checkpoints.save(state, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
         runs["checkpoint_save"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        checkpoints.load(path, model=model, config=cfg.to_dict(), optimizer=optimizer, scheduler=scheduler)
+        checkpoints.load(path, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
         sync(device)
         runs["checkpoint_load"].append(time.perf_counter() - started)
     checkpoint_bytes = sum(f.stat().st_size for f in path.iterdir())
@@ -339,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "launch_to_first_step_seconds": launch_to_first_step,
         "dataset_load_seconds": data_seconds if cfg.data.path else None,
         "device": str(device),
-        "device_name": hardware["device_name"],
+        "device_name": run_hardware["device_name"],
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "num_processes": world,
@@ -350,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch_size": batches.micro_batch,
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "log_every": cfg.train.log_every,
-        "model_parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "model_parameters": sum(p.numel() for p in accelerator.unwrap_model(parts.model).parameters()),
         "data": cfg.data.path or f"synthetic ({len(train_split)} images)",
         "warmup": args.warmup,
         "steps": args.steps,

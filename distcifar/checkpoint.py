@@ -4,8 +4,8 @@ OUTPUT_DIR/checkpoints/step_00001234/
     model.safetensors      model weights and buffers
     optimizer.safetensors  every per-parameter optimizer tensor ("state.<param index>.<name>")
     rng.safetensors        RNG states of every process ("rank<r>.torch", ".cuda", ".numpy", ".python")
-    state.json             step, data position, scheduler, grad scaler, optimizer hyper-parameters,
-                           resolved config, tracker run id
+    state.json             run state (step, wall time, best accuracy, tracker run id), world size,
+                           resolved config, optimizer hyper-parameters, scheduler, grad scaler
     manifest.json          size and sha256 of each file above; written last
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a folder named
@@ -15,6 +15,7 @@ Files not listed in the manifest (a planted .pkl, say) are never read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,12 +28,14 @@ import numpy as np
 import torch
 from safetensors.torch import load, save_file
 
-from distcifar.config import flatten
+from distcifar.config import CheckpointConfig, flatten
+from distcifar.engine import RunState, StepReport
+from distcifar.cli import UsageError
 
-FORMAT = "distcifar-checkpoint/1"
+FORMAT = "distcifar-checkpoint/2"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint cannot be used (damaged, or made for a different model or data)."""
 
 
@@ -157,26 +160,41 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 class Checkpointer:
-    """Saves and restores the full training state; only the main process writes."""
+    """Decides when a save is due, saves and restores the full training state; only the main process writes."""
 
-    def __init__(self, accelerator, root: str | Path, keep: int, keep_best: bool = False):
+    def __init__(self, accelerator, root: str | Path, cfg: CheckpointConfig, run_config: dict):
         self.accelerator = accelerator
         self.root = Path(root)
-        self.keep, self.keep_best = keep, keep_best
+        self.cfg = cfg
+        self.run_config = run_config  # the resolved Config as a dict: stored, and checked on resume
+        self.saved_step, self.saved_at = -1, time.monotonic()
 
-    def save(self, *, step: int, model, optimizer, scheduler, state: dict, eval_accuracy: float | None = None) -> Path:
+    def timer_expired(self) -> bool:
+        """checkpoint.every_minutes has passed since the last save, on this rank's clock."""
+        minutes = self.cfg.every_minutes
+        return minutes > 0 and time.monotonic() - self.saved_at >= minutes * 60
+
+    def due(self, state: RunState, report: StepReport, *, epoch_end: bool, last: bool) -> bool:
+        """Whether to save after this step: the same answer on every rank (every input is agreed or
+        a function of the step)."""
+        if state.step == self.saved_step:
+            return False
+        every = self.cfg.every_steps
+        return bool(report.stop_signal or report.timer_due or epoch_end or last or (every and state.step % every == 0))
+
+    def save(self, state: RunState, *, model, optimizer, scheduler, eval_accuracy: float | None = None) -> Path:
         """Collective: every rank must call it (RNG states are gathered to the main process)."""
         acc = self.accelerator
         rng = {name: acc.gather(t.to(acc.device)[None]).cpu() for name, t in rng_state().items()}
-        final = self.root / f"step_{step:08d}"
+        final = self.root / f"step_{state.step:08d}"
         if acc.is_main_process:
-            started = time.perf_counter()
             weights = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(model, keep_torch_compile=False).state_dict().items()}
             opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
             rng_tensors = {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))}
-            full_state = dict(state, global_step=step, optimizer=opt_meta, scheduler=scheduler.state_dict(),
-                              scaler=acc.scaler.state_dict() if acc.scaler is not None else None)
-            tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}"
+            full_state = {"run_state": dataclasses.asdict(state), "world_size": acc.num_processes, "config": self.run_config,
+                          "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                          "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+            tmp = self.root / f".tmp-step_{state.step:08d}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             files = {
@@ -185,7 +203,7 @@ class Checkpointer:
                 "rng.safetensors": _write_tensors(tmp / "rng.safetensors", rng_tensors),
                 "state.json": _write(tmp / "state.json", json.dumps(full_state, indent=1).encode()),
             }
-            manifest = {"format": FORMAT, "step": step, "eval_accuracy": eval_accuracy, "files": files}
+            manifest = {"format": FORMAT, "step": state.step, "eval_accuracy": eval_accuracy, "files": files}
             _write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
             _fsync_dir(tmp)
             if final.exists():  # same step saved again (e.g. a new run in an old folder): swap, then delete
@@ -197,14 +215,14 @@ class Checkpointer:
                 tmp.rename(final)
             _fsync_dir(self.root)
             self._prune()
-            self.last_save_seconds = time.perf_counter() - started
         acc.wait_for_everyone()
+        self.saved_step, self.saved_at = state.step, time.monotonic()
         return final
 
     def _prune(self) -> None:
         dirs = step_dirs(self.root)
-        protected = set(dirs[: self.keep])
-        if self.keep_best:
+        protected = set(dirs[: self.cfg.keep])
+        if self.cfg.keep_best:
             scored = []
             for d in dirs:
                 try:
@@ -228,25 +246,44 @@ class Checkpointer:
                     print(f"warning: skipping damaged checkpoint: {err}", flush=True)
         return None
 
-    def load(self, path: Path, *, model, config: dict, optimizer=None, scheduler=None) -> dict:
+    def resume(self, resume: str, *, model, optimizer, scheduler) -> RunState:
+        """The run state to start from: `resume` is auto (newest good checkpoint, if any), never, or a folder."""
+        if resume == "never":
+            return RunState()
+        path = self.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            return RunState()
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint folder (or use auto / never)")
+        weights_only = self.cfg.weights_only
+        state = self.load(path, model=model, optimizer=None if weights_only else optimizer, scheduler=scheduler)
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {state.step}{' (weights only)' if weights_only else ''}", flush=True)
+        if weights_only:
+            return RunState()
+        self.saved_step = state.step
+        return state
+
+    def load(self, path: Path, *, model, optimizer=None, scheduler=None) -> RunState:
         """Restore into model and, unless optimizer is None (weights only), the optimizer, scheduler,
-        grad scaler and this rank's RNG. Returns state.json. Raises CheckpointError."""
+        grad scaler and this rank's RNG. Raises CheckpointError."""
         _, blobs = read_verified(Path(path))
-        state = json.loads(blobs["state.json"])
-        check_compatible(state["config"], config, weights_only=optimizer is None)
+        saved = json.loads(blobs["state.json"])
+        check_compatible(saved["config"], self.run_config, weights_only=optimizer is None)
         self.accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load(blobs["model.safetensors"]))
+        state = RunState(**saved["run_state"])
         if optimizer is None:
             return state
-        optimizer.load_state_dict(optimizer_from_files(load(blobs["optimizer.safetensors"]), state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        if self.accelerator.scaler is not None and state.get("scaler"):
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+        optimizer.load_state_dict(optimizer_from_files(load(blobs["optimizer.safetensors"]), saved["optimizer"]))
+        scheduler.load_state_dict(saved["scheduler"])
+        if self.accelerator.scaler is not None and saved.get("scaler"):
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
         rng = load(blobs["rng.safetensors"])
-        rank, saved_world = self.accelerator.process_index, state["world_size"]
-        if saved_world == self.accelerator.num_processes:
+        rank = self.accelerator.process_index
+        if saved["world_size"] == self.accelerator.num_processes:
             set_rng_state({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")})
         else:  # a different world size cannot continue each rank's RNG stream; derive a fresh one
-            torch.manual_seed(config["train"]["seed"] * 7919 + state["global_step"] * 31 + rank)
+            torch.manual_seed(self.run_config["train"]["seed"] * 7919 + state.step * 31 + rank)
         return state
 
 

@@ -1,109 +1,197 @@
-"""Typed training configuration: dataclasses filled from a YAML file, then from `--section.field VALUE`.
+"""Typed configuration: dataclasses with documented fields, read by jsonargparse.
 
-Every mistake (unknown key, wrong type, impossible value) raises ConfigError with one line that
-says what is wrong; train.py turns it into exit code 2 before any heavy work starts.
+    --config FILE.yaml   a recipe (YAML); later options override it
+    --section.field V    one field; lists as [8,16,32], strings as they are typed
+
+Each section checks its own values in `__post_init__`; `Config.__post_init__` checks the fields
+that depend on each other. Every mistake (unknown key, wrong type, impossible value) becomes a
+ConfigError: one line that names the field, turned into exit code 2 before any heavy work starts.
+YAML is read as YAML 1.2 does: `1e-3` is a number, and only true/false are booleans (`no` stays a
+string).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable, Literal
 
-import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from distcifar.cli import UsageError, make_parser
 
 
-class ConfigError(ValueError):
-    """A usage error in the configuration or the command line (exit code 2)."""
+class ConfigError(UsageError):
+    """A mistake in the configuration or the command line."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 @dataclass
 class ModelConfig:
     block_convs: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 3, 3])
+    """conv -> ReLU -> BatchNorm layers in each of the blocks."""
     block_channels: list[int] = field(default_factory=lambda: [60, 100, 160, 240, 340, 460])
+    """Output channels of each block."""
     block_halve: list[bool] = field(default_factory=lambda: [False, True, False, True, False, True])
+    """Whether each block halves the image size (2x2 average pooling)."""
     expert_reduction: int = 6
+    """Channel reduction of the expert branch's hidden layer."""
     classifier_hidden: list[int] = field(default_factory=lambda: [800, 400, 200])
+    """Hidden widths of the MLP classifier."""
     dropout: float = 0.5
+    """Dropout after each hidden layer of the classifier."""
     num_classes: int = 10
 
+    def __post_init__(self):
+        _check(len(self.block_convs) == len(self.block_channels) == len(self.block_halve) > 0,
+               "model.block_convs, model.block_channels and model.block_halve must be non-empty lists of one length")
+        _check(self.expert_reduction > 0, f"model.expert_reduction must be > 0, got {self.expert_reduction}")
+        _check(min(self.block_convs) >= 1 and min(self.block_channels) >= self.expert_reduction,
+               "model.block_convs must be >= 1 and model.block_channels >= model.expert_reduction")
+        _check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.num_classes > 1, f"model.num_classes must be > 1, got {self.num_classes}")
 
-AUGMENTATIONS = ("crop", "hflip", "vflip", "rotate", "color_jitter")
+
+Augmentation = Literal["crop", "hflip", "vflip", "rotate", "color_jitter"]
 
 
 @dataclass
 class DataConfig:
-    name: str = "uoft-cs/cifar10"  # hub dataset, used when `path` is not set
-    path: str | None = None  # local copy: a parquet folder/file, a save_to_disk folder
-    cache_dir: str | None = None  # decoded uint8 tensors; default ~/.cache/distcifar
-    train_limit: int = 0  # first N training rows (0 = all)
-    eval_limit: int = 0  # first N evaluation rows (0 = all)
-    val_size: int = 0  # carve a validation split from train (0 = evaluate on test)
-    augment: list[str] = field(default_factory=lambda: ["crop", "hflip"])
+    name: str = "uoft-cs/cifar10"
+    """Hub dataset, used when `path` is not set."""
+    path: str | None = None
+    """Local copy: a folder of parquet files, one file, or a save_to_disk folder."""
+    cache_dir: str | None = None
+    """Where decoded uint8 tensors are kept (default $DISTCIFAR_CACHE or ~/.cache/distcifar)."""
+    train_limit: int = 0
+    """Use the first N training rows (0 = all)."""
+    eval_limit: int = 0
+    """Use the first N evaluation rows (0 = all)."""
+    val_size: int = 0
+    """Hold out N training images as the evaluation split (0 = evaluate on test)."""
+    augment: list[Augmentation] = field(default_factory=lambda: ["crop", "hflip"])
+    """Augmentations, applied on the device to each image with its own parameters."""
     crop_padding: int = 4
+    """Zero padding before the random 32x32 crop."""
     rotate_degrees: float = 15.0
-    color_jitter: float = 0.2  # brightness/contrast/saturation factor range 1 +- this
+    """Largest rotation either way (augment: rotate)."""
+    color_jitter: float = 0.2
+    """Brightness, contrast and saturation factors are drawn from 1 +- this (augment: color_jitter)."""
+
+    def __post_init__(self):
+        for name in ("train_limit", "eval_limit", "val_size", "crop_padding"):
+            _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd (Nesterov when nesterov) | adam | adamw
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """Optimizer (sgd uses Nesterov momentum when `nesterov`)."""
     lr: float = 0.2
+    """Peak learning rate."""
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    decay_norm_and_bias: bool = False  # False: no weight decay on BatchNorm and bias parameters
-    schedule: str = "cosine"  # constant | step | cosine | onecycle
+    decay_norm_and_bias: bool = False
+    """Also decay BatchNorm and bias parameters (false: weight decay on conv and linear weights only)."""
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = "cosine"
+    """Learning-rate schedule after the warm-up, in optimizer steps."""
     warmup_epochs: float = 1.0
-    step_epochs: float = 10.0  # StepLR period (schedule: step)
+    """Linear warm-up from lr/warmup_steps to lr."""
+    step_epochs: float = 10.0
+    """Period of the step schedule."""
     step_gamma: float = 0.5
+    """Factor of the step schedule at each period."""
     label_smoothing: float = 0.1
-    grad_clip: float = 0.0  # max gradient norm (0 = off)
+    grad_clip: float = 0.0
+    """Largest gradient norm (0 = no clipping)."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        for name in ("momentum", "weight_decay", "warmup_epochs", "grad_clip"):
+            _check(getattr(self, name) >= 0, f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.step_epochs > 0, f"optim.step_epochs must be > 0, got {self.step_epochs}")
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 40
-    batch_size: int = 512  # global: per-device batch x processes x grad_accum_steps
+    batch_size: int = 512
+    """Global batch: per-device batch x processes x grad_accum_steps."""
     grad_accum_steps: int = 1
-    eval_batch_size: int = 1000  # per device
-    mixed_precision: str = "auto"  # auto (bf16) | no | bf16 | fp16 (GPU only)
+    eval_batch_size: int = 1000
+    """Evaluation batch per device."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 where the hardware has it (GPUs, CPUs with AVX-512 BF16 / AMX), else fp32. fp16: GPU only."""
     channels_last: bool = True
     compile: bool = False
+    """torch.compile the model."""
     sync_batchnorm: bool = False
+    """BatchNorm statistics over all processes."""
     seed: int = 0
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
-    log_every: int = 50  # optimizer steps between log lines (and host syncs)
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    log_every: int = 50
+    """Optimizer steps between log lines (each one costs a host sync)."""
     eval_every_epochs: int = 1
-    collective_timeout_s: int = 300  # a rank that stops answering ends the job after this long
+    collective_timeout_s: int = 300
+    """A rank that stops answering ends the job after this many seconds."""
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every",
+                     "eval_every_epochs", "collective_timeout_s"):
+            _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.batch_size % self.grad_accum_steps == 0,
+               f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = off
-    every_minutes: float = 0.0  # 0 = off
-    keep: int = 3  # newest K checkpoints kept
-    keep_best: bool = False  # also keep the one with the best eval accuracy
-    weights_only: bool = False  # resume: load model weights only, start a new schedule
+    every_steps: int = 0
+    """Save every N optimizer steps (0 = off). Saves also happen at each epoch end and on a stop signal."""
+    every_minutes: float = 0.0
+    """Save when this many minutes have passed since the last save (0 = off)."""
+    keep: int = 3
+    """Keep the newest K checkpoints."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the best evaluation accuracy."""
+    weights_only: bool = False
+    """On resume load the model weights only and start a new schedule."""
+
+    def __post_init__(self):
+        _check(self.keep > 0, f"checkpoint.keep must be > 0, got {self.keep}")
+        for name in ("every_steps", "every_minutes"):
+            _check(getattr(self, name) >= 0, f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
 class TrackingConfig:
-    report_to: str = "auto"  # auto (wandb if WANDB_MODE or credentials are set) | wandb | tensorboard | none
+    report_to: Literal["auto", "wandb", "tensorboard", "none"] = "auto"
+    """auto: W&B when WANDB_MODE or W&B credentials are set, else none (metrics.jsonl is always written)."""
     project: str = "distcifar"
     entity: str | None = None
     run_name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    plots: bool = True  # PNG curves and confusion matrix in OUTPUT_DIR
+    plots: bool = True
+    """PNG curves and confusion matrix in OUTPUT_DIR."""
 
 
 @dataclass
 class Config:
+    """distcifar's configuration: defaults, then --config FILE, then --section.field VALUE."""
+
     output_dir: str = "runs/default"
-    resume: str = "auto"  # auto | never | PATH
+    """Checkpoints, metrics, plots, summary.json and the exported model."""
+    resume: str = "auto"
+    """auto: the newest good checkpoint in OUTPUT_DIR/checkpoints; never; or a checkpoint folder."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -113,74 +201,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-CHOICES = {
-    "optim.name": ("sgd", "adam", "adamw"),
-    "optim.schedule": ("constant", "step", "cosine", "onecycle"),
-    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "tracking.report_to": ("auto", "wandb", "tensorboard", "none"),
-}
-
-
-def _close_match(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _coerce(value, hint, key: str):
-    """Check `value` against the field's type hint, converting only where it is lossless."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML, e.g. '\"no\"')")
-    raise TypeError(f"unsupported config type {hint} for {key}")
-
-
-def _set(cfg: Config, dotted: str, value, from_cli: bool) -> None:
-    obj, parts = cfg, dotted.split(".")
-    for depth, name in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(obj)]
-        if name not in names:
-            where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(f"unknown config key '{dotted}' in {where}{_close_match(name, names)}")
-        if depth == len(parts) - 1:
-            hint = typing.get_type_hints(type(obj))[name]
-            if dataclasses.is_dataclass(hint):
-                raise ConfigError(f"'{dotted}' is a section; set its fields, e.g. --{dotted}.<field> VALUE")
-            if from_cli and hint is not str and isinstance(value, str):
-                value = yaml.safe_load(value) if value != "" else None
-            setattr(obj, name, _coerce(value, hint, dotted))
-        else:
-            obj = getattr(obj, name)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"'{'.'.join(parts[:depth + 1])}' is not a section")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -194,103 +214,30 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def validate(cfg: Config) -> None:
-    for key, options in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in options:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}{_close_match(value, options)}")
-    positive = {
-        "optim.lr": cfg.optim.lr,
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.eval_batch_size": cfg.train.eval_batch_size,
-        "train.log_every": cfg.train.log_every,
-        "train.eval_every_epochs": cfg.train.eval_every_epochs,
-        "train.collective_timeout_s": cfg.train.collective_timeout_s,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "model.expert_reduction": cfg.model.expert_reduction,
-        "model.num_classes": cfg.model.num_classes,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    non_negative = {
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.momentum": cfg.optim.momentum,
-        "optim.warmup_epochs": cfg.optim.warmup_epochs,
-        "optim.label_smoothing": cfg.optim.label_smoothing,
-        "optim.grad_clip": cfg.optim.grad_clip,
-        "data.train_limit": cfg.data.train_limit,
-        "data.eval_limit": cfg.data.eval_limit,
-        "data.val_size": cfg.data.val_size,
-        "data.crop_padding": cfg.data.crop_padding,
-        "train.max_steps": cfg.train.max_steps,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
-    if not 0 <= cfg.optim.label_smoothing < 1:
-        raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
-    if cfg.optim.schedule == "step" and cfg.optim.step_epochs <= 0:
-        raise ConfigError(f"optim.step_epochs must be > 0, got {cfg.optim.step_epochs}")
-    m = cfg.model
-    if not (len(m.block_convs) == len(m.block_channels) == len(m.block_halve)) or not m.block_convs:
-        raise ConfigError("model.block_convs, model.block_channels and model.block_halve must be non-empty lists of one length")
-    if min(m.block_convs) < 1 or min(m.block_channels) < m.expert_reduction:
-        raise ConfigError("model.block_convs must be >= 1 and model.block_channels >= model.expert_reduction")
-    for name in cfg.data.augment:
-        if name not in AUGMENTATIONS:
-            raise ConfigError(f"data.augment: unknown augmentation '{name}'{_close_match(name, AUGMENTATIONS)}; choose from {', '.join(AUGMENTATIONS)}")
-    if cfg.train.batch_size % cfg.train.grad_accum_steps:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.grad_accum_steps ({cfg.train.grad_accum_steps})")
-
-
-def load_config(argv: list[str]) -> Config:
-    """Build the config from `[--config FILE] [--key VALUE | --key=VALUE ...]`."""
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument '{arg}': options look like --section.field VALUE")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(argv):
-            key, value = arg[2:], argv[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"option '{arg}' needs a value")
-        pairs.append((key.replace("-", "_") if "." not in key else key, value))
-        i += 1
-
-    cfg = Config()
-    config_files = [v for k, v in pairs if k == "config"]
-    for path in config_files:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file '{path}' does not exist (the recipes are in configs/)")
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{path}' must be a mapping of sections, got {type(tree).__name__}")
-        for key, value in flatten(tree).items():
-            _set(cfg, key, value, from_cli=False)
-    for key, value in pairs:
-        if key != "config":
-            _set(cfg, key, value, from_cli=True)
-    validate(cfg)
-    return cfg
-
-
 def config_from_dict(tree: dict) -> Config:
-    """Rebuild a Config from its `to_dict()` form (as stored in checkpoints)."""
-    cfg = Config()
-    for key, value in flatten(tree).items():
-        _set(cfg, key, value, from_cli=False)
-    return cfg
+    """Rebuild a Config from its `to_dict()` form (as stored in checkpoints and config.json)."""
+    sections = typing.get_type_hints(Config)
+    try:
+        return Config(**{key: sections[key](**value) if isinstance(value, dict) else value for key, value in tree.items()})
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"a stored config does not fit this version of distcifar ({err})") from None
+
+
+def parse_config(argv: list[str], *, prog: str, description: str,
+                 add_arguments: Callable[[ArgumentParser], None] | None = None) -> tuple[Config, Namespace]:
+    """(Config, the namespace of the entry point's own arguments) from the command line."""
+    parser = make_parser(prog, description)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/); later options override it.")
+    parser.add_class_arguments(Config, as_group=False)
+    if add_arguments:
+        add_arguments(parser)
+    try:
+        namespace = parser.parse_args(argv)
+    except UsageError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        built = parser.instantiate(namespace)
+        cfg = Config(**{f.name: built[f.name] for f in dataclasses.fields(Config)})
+    except (ValueError, TypeError) as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+    return cfg, built

@@ -23,14 +23,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distcifar.config import DataConfig
+from distcifar.cli import UsageError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class DataError(ValueError):
-    """The dataset cannot be used as given (exit code 2)."""
+class DataError(UsageError):
+    """The dataset cannot be used as given."""
 
 
 @dataclass
@@ -174,11 +175,16 @@ def load_splits(cfg: DataConfig, num_classes: int = 10) -> tuple[Split, Split, s
 # Batching and augmentation on the device
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images, or floats in [0, 1], standardised with the CIFAR-10 mean and std."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1)
+    if x.device not in _MEAN_STD:  # made once per device: a host-to-device copy per call would sync a GPU
+        _MEAN_STD[x.device] = (torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1),
+                               torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1))
+    mean, std = _MEAN_STD[x.device]
     return (x - mean) / std
 
 
@@ -226,11 +232,11 @@ def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConf
 
 
 class TrainBatches:
-    """Per-rank micro-batches of the device-resident training set, resumable at any optimizer step.
+    """Per-rank micro-batches of the device-resident training set for any global optimizer step.
 
-    Within an epoch every sample is used once across all ranks, except the last
-    `len(train) % batch_size` of that epoch's permutation, which are dropped (drop_last) so that
-    every optimizer step sees a full global batch.
+    Epoch and position come from the step, so resuming needs nothing but the step. Within an epoch
+    every sample is used once across all ranks, except the last `len(train) % batch_size` of that
+    epoch's permutation, which are dropped (drop_last) so that every step sees a full global batch.
     """
 
     def __init__(self, train: Split, cfg: DataConfig, *, batch_size: int, grad_accum_steps: int,
@@ -248,6 +254,8 @@ class TrainBatches:
         self.micro_batch = batch_size // (grad_accum_steps * world_size)
         self.steps_per_epoch = len(train) // batch_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._generator = torch.Generator(device=device)
+        self._order_epoch, self._order = -1, None
 
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -259,15 +267,19 @@ class TrainBatches:
         window = slice(start, start + self.micro_batch)
         return window, order[step * self.batch_size :][window]
 
+    def at_step(self, step: int):
+        """This rank's grad_accum_steps (images, labels) pairs of global optimizer step `step`, made lazily."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._order_epoch:
+            self._order_epoch, self._order = epoch, self.permutation(epoch)
+        self._generator.manual_seed(hash((self.seed, epoch, position)) & (2**62 - 1))
+        params = augment_params(self.batch_size, self.cfg, self._generator, self.device)
+        return self._micro_batches(self._order, position, params)
+
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yield (step, micro_batches) for optimizer steps start_step.. of `epoch`; micro_batches
-        lazily yields this rank's grad_accum_steps (images, labels) pairs for that step."""
-        order = self.permutation(epoch)
-        generator = torch.Generator(device=self.device)
+        """Yield (step in epoch, micro-batches) for the steps start_step.. of `epoch`."""
         for step in range(start_step, self.steps_per_epoch):
-            generator.manual_seed(hash((self.seed, epoch, step)) & (2**62 - 1))
-            params = augment_params(self.batch_size, self.cfg, generator, self.device)
-            yield step, self._micro_batches(order, step, params)
+            yield step, self.at_step(epoch * self.steps_per_epoch + step)
 
     def _micro_batches(self, order: torch.Tensor, step: int, params: dict):
         for micro in range(self.accum):

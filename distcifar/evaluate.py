@@ -1,7 +1,7 @@
 """Evaluate a checkpoint or an export on the test split, every image counted once on any number of processes.
 
-    accelerate launch distcifar/evaluate.py --checkpoint runs/x/checkpoints/step_00000480 [--output eval.json]
-    python distcifar/evaluate.py --checkpoint runs/x/final --data.path ../shared/data/cifar10
+    accelerate launch distcifar/evaluate.py runs/x/checkpoints/step_00000480 [--output eval.json]
+    python -m distcifar.evaluate runs/x/final --data.path ../shared/data/cifar10
 
 Prints accuracy, loss, per-class accuracy and the confusion matrix as a table, and as JSON to --output.
 Other options are config overrides (--data.path, --data.eval_limit, --train.eval_batch_size ...).
@@ -16,18 +16,21 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 from safetensors.torch import load
 
 from distcifar.checkpoint import CheckpointError, read_verified
-from distcifar.config import ConfigError, ModelConfig, load_config
-from distcifar.data import CLASSES, DataError, load_splits
+from distcifar.config import ModelConfig, parse_config
+from distcifar.data import CLASSES, load_splits
+from distcifar.engine import build, evaluate
 from distcifar.model import DistCifarNet
-from distcifar.train import build_accelerator, evaluate, usage_error
+from distcifar.cli import entry_point
+from distcifar.runtime import build_accelerator
 
 
 def load_model(path: Path) -> DistCifarNet:
     """A DistCifarNet from a training checkpoint (step_* folder) or an export (final/)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such folder (give a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)")
     if (path / "manifest.json").exists():
         _, blobs = read_verified(path)
         model = DistCifarNet(ModelConfig(**json.loads(blobs["state.json"])["config"]["model"]))
@@ -51,48 +54,27 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("weights", type=str, help="A checkpoints/step_* folder or an export such as OUTPUT_DIR/final.")
+    parser.add_argument("--output", type=str, default=None, help="Also write the result as JSON to this file.")
+
+
+@entry_point
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    options = {}
-    for flag in ("--checkpoint", "--output"):
-        if flag in argv:
-            i = argv.index(flag)
-            if i + 1 >= len(argv):
-                usage_error(f"{flag} needs a value")
-            options[flag] = argv.pop(i + 1)
-            argv.pop(i)
-    if "--checkpoint" not in options:
-        usage_error("give --checkpoint PATH (a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)")
-    try:
-        cfg = load_config(argv)
-    except ConfigError as err:
-        usage_error(str(err))
-    path = Path(options["--checkpoint"])
-    if not path.is_dir():
-        usage_error(f"--checkpoint {path}: no such folder")
-    try:
-        model = load_model(path)
-    except CheckpointError as err:
-        usage_error(str(err))
+    cfg, args = parse_config(sys.argv[1:] if argv is None else argv, prog="distcifar-evaluate",
+                             description=__doc__, add_arguments=add_arguments)
+    path = Path(args.weights)
+    model = load_model(path)
     cfg.model = model.config
-    cfg.tracking.report_to = "none"
     accelerator = build_accelerator(cfg)
-    try:
-        with accelerator.main_process_first():
-            _, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
-    except DataError as err:
-        usage_error(str(err))
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(eval_split.images, eval_split.labels), batch_size=cfg.train.eval_batch_size
-    )
-    model, loader = accelerator.prepare(model.to(memory_format=memory_format), loader)
-    result = evaluate(model, loader, accelerator, cfg.model.num_classes, memory_format)
+    with accelerator.main_process_first():
+        _, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
+    result = evaluate(accelerator, build(cfg, accelerator, eval_split, model=model), cfg.model.num_classes)
     result.update(eval_split=eval_name, checkpoint=str(path), num_processes=accelerator.num_processes)
     if accelerator.is_main_process:
         print(format_table(result))
-        if "--output" in options:
-            Path(options["--output"]).write_text(json.dumps(result, indent=2))
+        if args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2))
     accelerator.end_training()
 
 

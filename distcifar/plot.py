@@ -10,13 +10,14 @@ plotting state or needs a display.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from distcifar.cli import UsageError, entry_point, make_parser
 
 METRICS_FILE = "metrics.jsonl"
 CONFUSION_FILE = "confusion.json"
@@ -138,24 +139,18 @@ def redraw(output_dir: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m distcifar.plot",
-        description=f"Redraw {CURVES_PNG} and {CONFUSION_PNG} in a training output folder.",
-    )
-    parser.add_argument("output_dir", type=Path, help="the run's output folder (holds metrics.jsonl)")
-    output_dir = parser.parse_args(argv).output_dir
-
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("distcifar-plot", f"Redraw {CURVES_PNG} and {CONFUSION_PNG} in a training output folder.")
+    parser.add_argument("output_dir", type=str, help="The run's output folder (holds metrics.jsonl).")
+    output_dir = Path(parser.parse_args(sys.argv[1:] if argv is None else argv).output_dir)
     if not output_dir.is_dir():
-        print(f"error: output folder '{output_dir}' does not exist", file=sys.stderr)
-        return 2
+        raise UsageError(f"output folder '{output_dir}' does not exist")
     if not (output_dir / METRICS_FILE).is_file():
-        print(f"error: '{output_dir}' has no {METRICS_FILE} (has the run logged a step yet?)", file=sys.stderr)
-        return 2
+        raise UsageError(f"'{output_dir}' has no {METRICS_FILE} (has the run logged a step yet?)")
     for path in redraw(output_dir):
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -6,15 +6,16 @@
     <launcher> tests/dist_probe.py whoami
 
 Nothing here replaces a piece of the distributed machinery: every mode builds the real
-Accelerator (through train.build_accelerator, so with train.py's own checks), the real
+Accelerator (through runtime.build_accelerator, so with train.py's own checks), the real
 TrainBatches and the real process group of however many processes the launcher started.
 
-`train` runs distcifar.train.main() unchanged, with two optional instruments set by environment:
+`train` runs distcifar.train.main() unchanged, with optional instruments set by environment (the
+step generator it drives, engine.optimizer_steps, is wrapped, not replaced):
   PROBE_DUMP_DIR=DIR               each rank saves its final model state (weights and buffers) to
                                    DIR/rank<R>.safetensors when train.py calls end_training()
   PROBE_FAIL_RANK=R PROBE_FAIL_STEP=S
-                                   rank R raises RuntimeError at its S-th optimizer step (1-based),
-                                   after the process group is up: a crash on one rank only
+                                   rank R raises RuntimeError after its S-th optimizer step (1-based):
+                                   a crash on one rank only
   PROBE_HANG=1 (with PROBE_FAIL_RANK/STEP)
                                    instead of raising, that rank stops answering (sleeps, SIGTERM
                                    included) at that step: a stuck rank rather than a crashed one
@@ -62,20 +63,20 @@ def cmd_train(argv: list[str]) -> None:
         Accelerator.end_training = dump_then_end_training
     if fail_rank is not None:
         fail_rank, fail_step = int(fail_rank), int(os.environ.get("PROBE_FAIL_STEP", "1"))
-        train_step, steps = train.train_step, [0]
+        optimizer_steps = train.optimizer_steps
 
-        def failing_train_step(accelerator, *args, **kwargs):
-            steps[0] += 1
-            if accelerator.process_index == fail_rank and steps[0] == fail_step:
-                if os.environ.get("PROBE_HANG"):
-                    print(f"dist_probe: rank {fail_rank} stops answering at step {fail_step} (unix time {time.time():.3f})",
-                          file=sys.stderr, flush=True)
-                    while True:
-                        time.sleep(60)
-                raise RuntimeError(FAIL_MESSAGE.format(rank=fail_rank, step=fail_step, time=time.time()))
-            return train_step(accelerator, *args, **kwargs)
+        def failing_optimizer_steps(accelerator, *args, **kwargs):
+            for count, report in enumerate(optimizer_steps(accelerator, *args, **kwargs), start=1):
+                if accelerator.process_index == fail_rank and count == fail_step:
+                    if os.environ.get("PROBE_HANG"):
+                        print(f"dist_probe: rank {fail_rank} stops answering at step {fail_step} "
+                              f"(unix time {time.time():.3f})", file=sys.stderr, flush=True)
+                        while True:
+                            time.sleep(60)
+                    raise RuntimeError(FAIL_MESSAGE.format(rank=fail_rank, step=fail_step, time=time.time()))
+                yield report
 
-        train.train_step = failing_train_step
+        train.optimizer_steps = failing_optimizer_steps
     train.main(argv)
 
 
@@ -86,7 +87,7 @@ def cmd_train(argv: list[str]) -> None:
 def _accelerator(output_dir: str, timeout_s: int = 120):
     """The Accelerator train.py would build (its own WORLD_SIZE check included)."""
     from distcifar.config import Config
-    from distcifar.train import build_accelerator
+    from distcifar.runtime import build_accelerator
 
     cfg = Config()
     cfg.output_dir = output_dir
@@ -168,15 +169,15 @@ def coverage(accelerator, n: int, batch_size: int, accums: list[int], epochs: in
 
 
 def evaluation(accelerator, run: Path, batch_sizes: list[int]) -> dict:
-    """train.evaluate() on the final weights of a finished run (RUN/final, RUN/config.json), once per
+    """engine.evaluate() on the final weights of a finished run (RUN/final, RUN/config.json), once per
     eval batch size, with the loader prepared as train.py prepares it; and on the main process a
     plain 1-process reference (no Accelerate, no gather) over the same images and weights."""
     import torch
 
     from distcifar.config import config_from_dict
     from distcifar.data import load_splits, normalize
+    from distcifar.engine import Parts, evaluate
     from distcifar.model import DistCifarNet
-    from distcifar.train import evaluate
 
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
     with accelerator.main_process_first():
@@ -193,7 +194,7 @@ def evaluation(accelerator, run: Path, batch_sizes: list[int]) -> dict:
     for batch_size in batch_sizes:
         dataset = torch.utils.data.TensorDataset(eval_split.images, eval_split.labels)
         loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
-        result = evaluate(prepared, loader, accelerator, k)
+        result = evaluate(accelerator, Parts(prepared, loader, torch.channels_last), k)
         results[str(batch_size)] = {key: result[key] for key in ("eval_accuracy", "eval_loss", "eval_samples", "confusion")}
     return {"eval_images": len(eval_split), "results": results,
             "reference": {"confusion": reference.tolist(),
@@ -217,7 +218,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_whoami(args) -> None:
-    """One line per process: what the launcher set and what train.build_accelerator made of it."""
+    """One line per process: what the launcher set and what runtime.build_accelerator made of it."""
     env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     accelerator = _accelerator("whoami_run")
     print("WHOAMI " + json.dumps({"pid": os.getpid(), "env": env, "num_processes": accelerator.num_processes,

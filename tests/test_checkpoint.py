@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, launch_command, read_metrics, run, train_args
 from distcifar.checkpoint import Checkpointer, CheckpointError
-from distcifar.config import Config, ModelConfig
+from distcifar.config import CheckpointConfig, Config, ModelConfig
+from distcifar.engine import RunState
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
 
@@ -42,11 +43,14 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
+def _checkpointer(accelerator, root, config: Config, keep=5):
+    return Checkpointer(accelerator, root, CheckpointConfig(keep=keep), config.to_dict())
+
+
 def _save(accelerator, root, step, keep=5, **state):
     cfg, model, optimizer, scheduler = _trained_state(step)
-    ckpt = Checkpointer(accelerator, root, keep=keep)
-    ckpt.save(step=step, model=model, optimizer=optimizer, scheduler=scheduler,
-              state=dict(epoch=0, step_in_epoch=step, world_size=1, config=cfg.to_dict(), **state))
+    _checkpointer(accelerator, root, cfg, keep).save(RunState(step=step, **state), model=model, optimizer=optimizer,
+                                                      scheduler=scheduler)
     return cfg, model, optimizer, scheduler
 
 
@@ -70,11 +74,11 @@ def test_layout_format_and_load_without_any_unpickling(accelerator, tmp_path, mo
     monkeypatch.setattr(torch, "load", forbidden)
 
     _, fresh_model, fresh_opt, fresh_sched = _trained_state(seed=99)
-    ckpt = Checkpointer(accelerator, tmp_path, keep=5)
+    ckpt = _checkpointer(accelerator, tmp_path, cfg)
     assert ckpt.latest() == folder
-    state = ckpt.load(folder, model=fresh_model, config=cfg.to_dict(), optimizer=fresh_opt, scheduler=fresh_sched)
+    state = ckpt.load(folder, model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched)
     assert not marker.exists()
-    assert state["tracker_run_id"] == "abc123" and state["global_step"] == 7
+    assert state == RunState(step=7, tracker_run_id="abc123")
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(a, b)
     saved_state, loaded_state = optimizer.state_dict()["state"], fresh_opt.state_dict()["state"]
@@ -108,7 +112,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(accelerator, tmp_p
         (newest / "manifest.json").write_text("{not json")
     else:
         (newest / "manifest.json").unlink()
-    assert Checkpointer(accelerator, tmp_path, keep=5).latest() == tmp_path / "step_00000001"
+    assert _checkpointer(accelerator, tmp_path, Config()).latest() == tmp_path / "step_00000001"
     warning = [line for line in capsys.readouterr().out.splitlines() if "step_00000002" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: skipping damaged checkpoint")
 
@@ -124,15 +128,16 @@ def test_config_mismatch_names_the_fields(accelerator, tmp_path):
     other = Config(model=ModelConfig(block_channels=[8, 8, 16, 16, 24, 32], classifier_hidden=[32]))
     other.data.train_limit = 100
     _, model, optimizer, scheduler = _trained_state()
-    ckpt = Checkpointer(accelerator, tmp_path, keep=5)
     with pytest.raises(CheckpointError, match=r"data\.train_limit .*model\.block_channels|model\.block_channels"):
-        ckpt.load(tmp_path / "step_00000003", model=model, config=other.to_dict(), optimizer=optimizer, scheduler=scheduler)
+        _checkpointer(accelerator, tmp_path, other).load(tmp_path / "step_00000003", model=model, optimizer=optimizer,
+                                                         scheduler=scheduler)
     changed_data = Config(model=TINY)
     changed_data.data.train_limit = 100
+    ckpt = _checkpointer(accelerator, tmp_path, changed_data)
     with pytest.raises(CheckpointError, match=r"data\.train_limit \(checkpoint 0, now 100\)"):
-        ckpt.load(tmp_path / "step_00000003", model=model, config=changed_data.to_dict(), optimizer=optimizer, scheduler=scheduler)
-    state = ckpt.load(tmp_path / "step_00000003", model=model, config=changed_data.to_dict())  # weights only
-    assert state["global_step"] == 3
+        ckpt.load(tmp_path / "step_00000003", model=model, optimizer=optimizer, scheduler=scheduler)
+    state = ckpt.load(tmp_path / "step_00000003", model=model)  # weights only
+    assert state.step == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ def test_export_and_evaluate_script(tmp_path, synthetic_data):
     for target in (out / "final", sorted((out / "checkpoints").glob("step_*"))[-1]):
         report = tmp_path / "eval.json"
         result = run(launch_command(2, script="distcifar/evaluate.py") + [
-            "--checkpoint", str(target), "--data.path", str(synthetic_data), "--output", str(report)])
+            str(target), "--data.path", str(synthetic_data), "--output", str(report)])
         evaluation = json.loads(report.read_text())
         assert evaluation["eval_samples"] == 101 and evaluation["num_processes"] == 2
         assert evaluation["eval_accuracy"] == pytest.approx(summary["test_accuracy"])

@@ -228,7 +228,7 @@ def two_nodes_run(lab) -> list[Run]:
 @pytest.fixture(scope="module")
 def check_run(lab, cpu_multi_run) -> dict:
     """tests/dist_probe.py check with 3 processes (cpu_multi.yaml --num_processes 3): sample
-    coverage of TrainBatches, and train.evaluate on the cpu_multi run's final weights."""
+    coverage of TrainBatches, and engine.evaluate on the cpu_multi run's final weights."""
     assert cpu_multi_run.returncode == 0, cpu_multi_run.describe()
     out = lab.root / "check" / "check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,7 +358,7 @@ def test_evaluation_counts_every_test_image_once(cpu_multi_run, check_run):
     assert summary["test_accuracy"] == reference["eval_accuracy"]
     assert summary["test_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
     assert json.loads((cpu_multi_run.output_dir / "confusion.json").read_text())["confusion"] == reference["confusion"]
-    # train.evaluate with 3 processes, a batch that does not divide, 7, and one larger than the set
+    # engine.evaluate with 3 processes, a batch that does not divide, 7, and one larger than the set
     for batch_size, result in ev["results"].items():
         assert result["eval_samples"] == TEST_IMAGES, f"eval batch {batch_size}"
         assert result["confusion"] == reference["confusion"], f"eval batch {batch_size}"

@@ -1,0 +1,170 @@
+"""What a run is made of and how it steps: one construction path, the run state, the optimizer-step
+generator that train.py and benchmark.py both drive, and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from distcifar.config import Config, OptimConfig
+from distcifar.data import Split, TrainBatches, normalize
+from distcifar.model import DistCifarNet
+from distcifar.optim import build_optimizer, build_scheduler
+from distcifar.runtime import agree
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs besides the weights, optimizer and RNG; epoch and position
+    in the epoch follow from `step` (TrainBatches.at_step)."""
+
+    step: int = 0  # optimizer steps done
+    wall_seconds: float = 0.0  # training time over all attempts
+    best_accuracy: float | None = None
+    tracker_run_id: str | None = None
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module  # prepared (DDP-wrapped on several processes), maybe compiled
+    eval_loader: torch.utils.data.DataLoader
+    memory_format: torch.memory_format
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # stepped once per optimizer step, never prepared
+    batches: TrainBatches | None = None
+    total_steps: int = 0  # of the whole run: epochs x steps per epoch, or train.max_steps
+
+
+def build(cfg: Config, accelerator, evaluation: Split, train: Split | None = None,
+          model: torch.nn.Module | None = None) -> Parts:
+    """Model, eval loader and, given a training split, optimizer, scheduler and batches, prepared."""
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model if model is not None else DistCifarNet(cfg.model)
+    if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(memory_format=memory_format)
+    eval_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(evaluation.images, evaluation.labels), batch_size=cfg.train.eval_batch_size)
+    if train is None:
+        model, eval_loader = accelerator.prepare(model, eval_loader)
+        return Parts(model, eval_loader, memory_format)
+    batches = TrainBatches(train, cfg.data, batch_size=cfg.train.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+                           rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
+                           device=accelerator.device, channels_last=cfg.train.channels_last)
+    total_steps = cfg.train.epochs * batches.steps_per_epoch
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, batches.steps_per_epoch, total_steps)
+    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return Parts(model, eval_loader, memory_format, optimizer, scheduler, batches, min(total_steps, cfg.train.max_steps or total_steps))
+
+
+def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, want_grad_norm: bool):
+    """One optimizer step over this rank's micro-batches: (mean loss, grad norm or None), no host sync."""
+    loss_sum, grad_norm = 0.0, None
+    for images, labels in micro_batches:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.label_smoothing)
+            accelerator.backward(loss)
+            loss_sum = loss_sum + loss.detach()
+            if accelerator.sync_gradients and (cfg.grad_clip or want_grad_norm):
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accelerator.gradient_accumulation_steps, grad_norm
+
+
+@dataclass
+class StepReport:
+    """What one optimizer step leaves for its driver to act on."""
+
+    metrics: dict | None = None  # on logging steps: the row just logged
+    stop_signal: int = 0  # a SIGTERM/SIGINT/SIGUSR1 on any rank, agreed by all
+    timer_due: bool = False  # checkpoint.every_minutes has passed on some rank, agreed by all
+
+
+def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, tracker, stop, checkpoints,
+                    until: int | None = None) -> Iterator[StepReport]:
+    """Take optimizer steps from `state.step` to `until` (default: the run's end), advancing `state`
+    and logging every train.log_every steps; yield a StepReport after each step. `stop` is the
+    process's StopRequest (None: nothing to stop for, as in the benchmark).
+
+    Host syncs happen only on logging steps and, every `check_every` steps, where the ranks agree on
+    stopping and on the checkpoint timer (on a CPU every step: there is no queue to drain)."""
+    model, optimizer, scheduler, batches = parts.model, parts.optimizer, parts.scheduler, parts.batches
+    until = parts.total_steps if until is None else until
+    check_every = 1 if accelerator.device.type == "cpu" else 10
+    steps_per_epoch, world = batches.steps_per_epoch, accelerator.num_processes
+    started, wall_before = time.monotonic(), state.wall_seconds
+    loss_sum = torch.zeros((), device=accelerator.device)
+    window_steps, window_started = 0, time.perf_counter()
+    epoch_started = time.perf_counter()
+    model.train()
+    while state.step < until:
+        logging_step = (state.step + 1) % cfg.train.log_every == 0
+        loss, grad_norm = train_step(accelerator, model, optimizer, batches.at_step(state.step), cfg.optim, logging_step)
+        loss_sum += loss
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        state.step += 1
+        state.wall_seconds = wall_before + time.monotonic() - started
+        window_steps += 1
+        report = StepReport()
+        if logging_step:
+            seconds = time.perf_counter() - window_started
+            report.metrics = {
+                "epoch": state.step / steps_per_epoch,
+                "train_loss": accelerator.reduce(loss_sum, "mean").item() / window_steps,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "images_per_second": window_steps * cfg.train.batch_size / seconds,
+                "images_per_second_per_process": window_steps * cfg.train.batch_size / seconds / world,
+            }
+            if world > 1:  # DDP keeps ranks identical; check it rather than assume it
+                checksum = sum(p.detach().double().sum() for p in model.parameters())
+                sums = accelerator.gather(checksum[None])
+                report.metrics["rank_weight_max_diff"] = (sums.max() - sums.min()).item()
+            tracker.log(report.metrics, step=state.step)
+            loss_sum.zero_()
+            window_steps, window_started = 0, time.perf_counter()
+        if state.step % steps_per_epoch == 0:
+            tracker.log({"epoch_seconds": time.perf_counter() - epoch_started, "epoch": state.step / steps_per_epoch},
+                        step=state.step)
+            epoch_started = time.perf_counter()
+        if state.step % check_every == 0:
+            signum, due = agree(accelerator, stop.signum if stop else 0, checkpoints.timer_expired())
+            report.stop_signal, report.timer_due = int(signum), bool(due)
+        yield report
+
+
+@torch.no_grad()
+def evaluate(accelerator, parts: Parts, num_classes: int) -> dict:
+    """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once."""
+    model = parts.model
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=accelerator.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for images, labels in parts.eval_loader:
+        with accelerator.autocast():
+            logits = model(normalize(images).contiguous(memory_format=parts.memory_format))
+        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(num_classes, -1)
+    model.train()
+    confusion = confusion.cpu()
+    samples = int(confusion.sum())
+    return {
+        "eval_accuracy": confusion.diag().sum().item() / samples,
+        "eval_loss": loss_sum.item() / samples,
+        "eval_samples": samples,
+        "per_class_accuracy": (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist(),
+        "confusion": confusion.tolist(),
+    }

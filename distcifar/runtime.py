@@ -1,0 +1,101 @@
+"""The process around training: the Accelerator and its launcher checks, printing once, agreeing
+across ranks, and stop signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
+
+from distcifar.cli import UsageError
+
+if TYPE_CHECKING:
+    from distcifar.config import Config
+
+
+def print_once(*args) -> None:
+    """Print on the main process only (accelerator.print prints once per node)."""
+    if PartialState().is_main_process:
+        print(*args, flush=True)
+
+
+def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
+    """The one Accelerator of a run, after refusing launches that would train unsynchronised copies."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        raise UsageError(
+            f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} tasks of train.py without a launcher; refusing to "
+            "train unsynchronised copies. Use `sbatch slurm/train.sh` (one accelerate launch per node)."
+        )
+    # ACCELERATE_USE_CPU: launch/cpu.yaml (or --cpu) on a machine that has GPUs.
+    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    precision = cfg.train.mixed_precision
+    if precision == "auto":  # bf16 where the hardware has it; emulated bf16 on CPU is ~10x slower than fp32
+        if on_gpu:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    if precision == "fp16" and not on_gpu:
+        raise UsageError("train.mixed_precision fp16 needs a GPU (Accelerate ignores it on CPU); use bf16 or no")
+    accelerator = Accelerator(
+        # Without cpu=True a multi-process launch on a machine with no GPU trains N unsynchronised copies.
+        cpu=not on_gpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with=None if log_with == "none" else [log_with],
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(
+            f"the launcher started {launched} processes but Accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); refusing to train unsynchronised copies. On CPU use "
+            "`accelerate launch --config_file launch/cpu_multi.yaml` or torchrun."
+        )
+    return accelerator
+
+
+def hardware(accelerator: Accelerator) -> dict:
+    """What the run is on, for the tracker's run config and the benchmark's report."""
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
+    return {"device": str(accelerator.device), "device_name": name, "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type)}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def agree(accelerator: Accelerator, *flags: float) -> list[float]:
+    """The max of each flag over all ranks, so every rank takes the same decision (a host sync)."""
+    values = torch.tensor(flags, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGINT/SIGUSR1 so training can checkpoint at the next agreed step."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        # Ctrl-C under a launcher delivers SIGINT and then the launcher's SIGTERM: keep the first,
+        # never raise, so the checkpoint is written; the launcher kills us if we take too long.
+        self.signum = self.signum or signum
