@@ -26,17 +26,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from distcifar.cli import RunFailed, UsageError
 from distcifar.config import CheckpointConfig, flatten
-from distcifar.engine import RunState, StepReport
-from distcifar.cli import UsageError
+from distcifar.engine import RunState, StepReport, check_finite
+from distcifar.runtime import agree
 
 FORMAT = "distcifar-checkpoint/2"
 
 
 class CheckpointError(UsageError):
     """A checkpoint cannot be used (damaged, or made for a different model or data)."""
+
+
+class CheckpointWriteError(RunFailed):
+    """A checkpoint could not be written (a full disk, say); the earlier ones are intact."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,19 +189,40 @@ class Checkpointer:
         return bool(report.stop_signal or report.timer_due or epoch_end or last or (every and state.step % every == 0))
 
     def save(self, state: RunState, *, model, optimizer, scheduler, eval_accuracy: float | None = None) -> Path:
-        """Collective: every rank must call it (RNG states are gathered to the main process)."""
+        """Collective: every rank must call it (RNG states are gathered to the main process).
+
+        Non-finite weights are never written (engine.TrainingDiverged). A failed write (a full disk, say)
+        removes its temporary folder, leaves every earlier checkpoint as it was and raises
+        CheckpointWriteError on every rank."""
         acc = self.accelerator
+        unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+        check_finite(unwrapped, state.step)
         rng = {name: acc.gather(t.to(acc.device)[None]).cpu() for name, t in rng_state().items()}
         final = self.root / f"step_{state.step:08d}"
+        failure = None
         if acc.is_main_process:
-            weights = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(model, keep_torch_compile=False).state_dict().items()}
-            opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
-            rng_tensors = {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))}
-            full_state = {"run_state": dataclasses.asdict(state), "world_size": acc.num_processes, "config": self.run_config,
-                          "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                          "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
-            tmp = self.root / f".tmp-step_{state.step:08d}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                self._write(final, state, unwrapped, optimizer, scheduler, rng, eval_accuracy)
+            except (OSError, SafetensorError) as err:
+                failure = err
+        if agree(acc, failure is not None)[0]:
+            raise CheckpointWriteError(self._describe_failure(final, failure, unwrapped, optimizer))
+        if acc.is_main_process:
+            self._prune()
+        self.saved_step, self.saved_at = state.step, time.monotonic()
+        return final
+
+    def _write(self, final: Path, state: RunState, model, optimizer, scheduler, rng, eval_accuracy) -> None:
+        acc = self.accelerator
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
+        rng_tensors = {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))}
+        full_state = {"run_state": dataclasses.asdict(state), "world_size": acc.num_processes, "config": self.run_config,
+                      "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
             tmp.mkdir(parents=True)
             files = {
                 "model.safetensors": _write_tensors(tmp / "model.safetensors", weights),
@@ -206,18 +233,32 @@ class Checkpointer:
             manifest = {"format": FORMAT, "step": state.step, "eval_accuracy": eval_accuracy, "files": files}
             _write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
             _fsync_dir(tmp)
-            if final.exists():  # same step saved again (e.g. a new run in an old folder): swap, then delete
-                old = self.root / f".old-{final.name}-{os.getpid()}"
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(final)
-            _fsync_dir(self.root)
-            self._prune()
-        acc.wait_for_everyone()
-        self.saved_step, self.saved_at = state.step, time.monotonic()
-        return final
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+            raise
+        if final.exists():  # same step saved again (e.g. a new run in an old folder): swap, then delete
+            old = self.root / f".old-{final.name}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync_dir(self.root)
+
+    def _describe_failure(self, final: Path, failure: Exception | None, model, optimizer) -> str:
+        if not self.accelerator.is_main_process:
+            return ""  # the main process says it
+        needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        needed += sum(v.numel() * v.element_size() for per in optimizer.state_dict()["state"].values()
+                      for v in per.values() if isinstance(v, torch.Tensor))
+        try:
+            free = f", {shutil.disk_usage(self.root).free / 1e6:.1f} MB free"
+        except OSError:
+            free = ""
+        reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+        return (f"could not write checkpoint {final.name} to {self.root} ({reason}; it needs about "
+                f"{needed / 1e6:.1f} MB{free}). The half-written copy was removed and the earlier checkpoints are "
+                "intact: free some space, then run the same command to resume from the newest one")
 
     def _prune(self) -> None:
         dirs = step_dirs(self.root)
@@ -269,9 +310,16 @@ class Checkpointer:
         grad scaler and this rank's RNG. Raises CheckpointError."""
         _, blobs = read_verified(Path(path))
         saved = json.loads(blobs["state.json"])
+        missing = [key for key in STATE_FIELDS if key not in saved]
+        if missing:
+            raise CheckpointError(f"{path}: state.json has no field '{missing[0]}' (made by another program or edited by hand?)")
         check_compatible(saved["config"], self.run_config, weights_only=optimizer is None)
-        self.accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(load(blobs["model.safetensors"]))
-        state = RunState(**saved["run_state"])
+        model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        load_fitting(path, model, load(blobs["model.safetensors"]))
+        try:
+            state = RunState(**saved["run_state"])
+        except TypeError as err:
+            raise CheckpointError(f"{path}: state.json's run_state does not fit this version ({err})") from None
         if optimizer is None:
             return state
         optimizer.load_state_dict(optimizer_from_files(load(blobs["optimizer.safetensors"]), saved["optimizer"]))
@@ -285,6 +333,24 @@ class Checkpointer:
         else:  # a different world size cannot continue each rank's RNG stream; derive a fresh one
             torch.manual_seed(self.run_config["train"]["seed"] * 7919 + state.step * 31 + rank)
         return state
+
+
+STATE_FIELDS = ("run_state", "world_size", "config", "optimizer", "scheduler")
+
+
+def load_fitting(path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load `tensors` into `model`, or raise CheckpointError naming the first tensor that does not fit."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: model.safetensors has no tensor '{name}' (a checkpoint of another model?)")
+        if tensors[name].shape != tensor.shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model expects "
+                                  f"{tuple(tensor.shape)} (a checkpoint of another model?)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: model.safetensors has a tensor '{unexpected[0]}' that the model does not have")
+    model.load_state_dict(tensors)
 
 
 # Fields that must match to continue a run; data.path and data.cache_dir may move between machines.

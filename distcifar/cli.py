@@ -1,7 +1,7 @@
 """The command line shared by every entry point: its parser, and usage errors as exit code 2.
 
 Every entry point (train, evaluate, benchmark, plot) runs its main() through `entry_point`, which
-turns a UsageError into one `error: ...` line on stderr and exit code 2. Parsing uses jsonargparse;
+turns a UsageError into one `error: ...` line on stderr and exit code 2 (a RunFailed: exit code 1). Parsing uses jsonargparse;
 YAML values are read as YAML 1.2 does: `1e-3` is a number, and only true/false are booleans (`no`
 stays a string).
 """
@@ -23,16 +23,21 @@ class UsageError(Exception):
     """The user asked for something that cannot be done as given (exit code 2)."""
 
 
+class RunFailed(Exception):
+    """The run met a fault it can name (divergence, a full disk); nothing good was lost (exit code 1)."""
+
+
 def entry_point(main):
-    """Run main(); a UsageError becomes one line on stderr and exit code 2."""
+    """Run main(); a UsageError becomes one line on stderr and exit code 2, a RunFailed exit code 1."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UsageError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        except (UsageError, RunFailed) as err:
+            if str(err):  # empty: another rank follows the main process's error, which says it once
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2 if isinstance(err, UsageError) else 1)
 
     return run
 

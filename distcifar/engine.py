@@ -12,11 +12,26 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from distcifar.cli import RunFailed
 from distcifar.config import Config, OptimConfig
 from distcifar.data import Split, TrainBatches, normalize
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
 from distcifar.runtime import agree
+
+
+class TrainingDiverged(RunFailed):
+    """The loss or the weights are no longer finite."""
+
+
+DIVERGED_HINT = "lower optim.lr or set optim.grad_clip (e.g. 1.0), then start again or resume from a checkpoint"
+
+
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """Raise TrainingDiverged if any weight or buffer is NaN or infinite (one host sync)."""
+    floats = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not torch.stack([t.isfinite().all() for t in floats]).all():
+        raise TrainingDiverged(f"training diverged by step {step}: the weights hold NaN or infinite values; {DIVERGED_HINT}")
 
 
 @dataclass
@@ -128,6 +143,9 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
                 "images_per_second": window_steps * cfg.train.batch_size / seconds,
                 "images_per_second_per_process": window_steps * cfg.train.batch_size / seconds / world,
             }
+            if not math.isfinite(report.metrics["train_loss"]):  # the same value on every rank: all stop
+                raise TrainingDiverged(f"training diverged at step {state.step}: the train loss is "
+                                       f"{report.metrics['train_loss']}; {DIVERGED_HINT}")
             if world > 1:  # DDP keeps ranks identical; check it rather than assume it
                 checksum = sum(p.detach().double().sum() for p in model.parameters())
                 sums = accelerator.gather(checksum[None])

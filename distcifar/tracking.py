@@ -10,6 +10,7 @@ process running `python -m distcifar.plot`) and in finish() if rows came after t
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import secrets
@@ -117,7 +118,9 @@ class Tracker:
         """Log plain numbers/strings at the global optimizer step (W&B drops steps that go backwards)."""
         if not self.is_main or self._finished:
             return
-        self._metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        # JSON has no NaN or infinity: such a value (a diverged loss, say) is written as null
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        self._metrics_file.write(json.dumps({"step": step, **row}) + "\n")
         self._metrics_file.flush()
         self._plots_outdated = True
         self.accelerator.log(metrics, step=step)

@@ -27,13 +27,14 @@ from distcifar.config import parse_config
 from distcifar.data import load_splits
 from distcifar.engine import build, evaluate, optimizer_steps
 from distcifar.cli import entry_point
-from distcifar.runtime import StopRequest, build_accelerator, hardware, print_once
+from distcifar.runtime import OutputLock, StopRequest, build_accelerator, hardware, print_once
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(sys.argv[1:] if argv is None else argv, prog="distcifar-train", description=__doc__)
     accelerator = build_accelerator(cfg, log_with=tracking.report_to(cfg.tracking))
+    OutputLock(cfg.output_dir).acquire(accelerator)  # one run per output folder
     stop = StopRequest()
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():

@@ -20,16 +20,23 @@ TINY_MODEL = ["--model.block_channels", "[8,8,16,16,24,24]", "--model.classifier
 
 
 def make_images(labels, seed: int = 0, size: int = 32, mode: str = "RGB"):
-    """Learnable synthetic images: a class-specific colour and stripe pattern plus noise."""
+    """Clearly learnable synthetic images: each class one solid, well-separated colour plus modest noise.
+
+    A solid colour survives every crop, flip, rotation and mild colour jitter; the noise keeps images of
+    one class distinct. The tiny run of train_args reaches 0.87-1.0 test accuracy after 8 epochs; at 2
+    epochs (16 steps) it is limited by the recipe (BatchNorm running statistics), not by these images.
+    """
     from PIL import Image
 
-    palette = np.random.default_rng(0).integers(40, 216, size=(10, 3))  # the same in every split
+    palette = np.array([  # the corners of the RGB cube (kept off 0/255 so the noise is not clipped), grey, orange
+        (235, 20, 20), (20, 235, 20), (20, 20, 235), (235, 235, 20), (235, 20, 235),
+        (20, 235, 235), (235, 235, 235), (20, 20, 20), (128, 128, 128), (235, 128, 20),
+    ], dtype=np.float64)
     rng = np.random.default_rng(seed)
     images = []
     for label in labels:
-        pixels = np.clip(palette[label] + rng.normal(0, 25, size=(size, size, 3)), 0, 255)
-        pixels[:, (label % 5) * 6 : (label % 5) * 6 + 3] = 255 if label < 5 else 0
-        image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+        pixels = np.clip(palette[label] + rng.normal(0, 8, size=(size, size, 3)), 0, 255)
+        image = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
         images.append(image.convert(mode) if mode != "RGB" else image)
     return images
 
@@ -105,5 +112,33 @@ def run(command: list[str], timeout: float = 300, check: bool = True, **kwargs) 
     return result
 
 
+def kill_tree(pid: int, signum: int = 9) -> None:
+    """Signal a process and all its descendants: torch's elastic launcher starts its workers in
+    sessions of their own, so killing the launcher's process group would leave them running."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With DISTCIFAR_REQUIRE_ALL=1 (.ci/run sets it) a skipped test fails: CI must not turn green
+    with the Slurm cluster, the real data or a slow test missing."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("DISTCIFAR_REQUIRE_ALL") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome, report.longrepr = "failed", f"skipped, but DISTCIFAR_REQUIRE_ALL=1 requires it to run: {reason}"

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import REPO, launch_command, read_metrics, run, train_args
+from conftest import REPO, kill_tree, launch_command, read_metrics, run, train_args
 from distcifar.checkpoint import Checkpointer, CheckpointError
 from distcifar.config import CheckpointConfig, Config, ModelConfig
 from distcifar.engine import RunState
@@ -157,7 +157,7 @@ def _kill_after_checkpoint(command, folder, timeout=240):
         assert process.poll() is None, f"run ended before {folder.name}:\n{process.stdout.read()[-3000:]}"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_tree(process.pid, signal.SIGKILL)
     process.wait()
     assert not (folder.parent.parent / "summary.json").exists()
 

@@ -1,3 +1,6 @@
+"""Proves loading, per-image augmentation (pixel for pixel against hand-built expectations) and epoch batching."""
+
+import math
 import time
 
 import numpy as np
@@ -7,7 +10,16 @@ import torch
 import distcifar.data as data
 from conftest import make_images, write_parquet_dataset
 from distcifar.config import DataConfig
-from distcifar.data import DataError, TrainBatches, augment, augment_params, load_splits
+from distcifar.data import DataError, TrainBatches, augment, augment_params, load_splits, normalize
+
+# The CIFAR-10 statistics, typed in again so the expectations do not read them from the code under test.
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+def _standardise(x01: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] -> (x - mean) / std, by hand."""
+    return (x01 - MEAN) / STD
 
 
 def test_parquet_in_the_hub_schema_loads_through_the_real_path(synthetic_data, tmp_path):
@@ -16,7 +28,7 @@ def test_parquet_in_the_hub_schema_loads_through_the_real_path(synthetic_data, t
     assert train.images.dtype == torch.uint8 and train.images.shape == (256, 3, 32, 32)
     assert train.labels.dtype == torch.int64 and 0 <= train.labels.min() <= train.labels.max() <= 9
     labels = np.random.default_rng(1).integers(0, 10, 256)
-    expected = np.asarray(make_images([int(x) for x in labels[:1]], seed=1)[0])  # PNG-encoded: lossless
+    expected = np.array(make_images([int(x) for x in labels[:1]], seed=1)[0])  # PNG-encoded: lossless
     assert torch.equal(train.images[0], torch.from_numpy(expected).permute(2, 0, 1))
 
 
@@ -109,6 +121,156 @@ def test_seed_augmentations_run_batched():
     cfg = DataConfig(augment=["crop", "hflip", "vflip", "rotate", "color_jitter"])
     out = augment(_uint8_batch(32), augment_params(32, cfg, torch.Generator().manual_seed(1), "cpu"), cfg)
     assert out.shape == (32, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_normalize_matches_hand_computed_pixels():
+    # One pixel (R, G, B) = (255, 0, 128): (255/255 - 0.4914)/0.2470, (0 - 0.4822)/0.2435, (128/255 - 0.4465)/0.2616.
+    pixel = torch.tensor([255, 0, 128], dtype=torch.uint8).view(1, 3, 1, 1)
+    expected = torch.tensor([2.0591093, -1.9802875, 0.2120061]).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(pixel), expected)
+    torch.testing.assert_close(normalize(pixel.float() / 255), expected)  # floats in [0, 1] are not divided again
+    # (10, 200, 77): -1.8307057, 1.2407135, -0.5525199
+    other = torch.tensor([10, 200, 77], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    expected = torch.tensor([-1.8307057, 1.2407135, -0.5525199]).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(other), expected.expand(2, 3, 4, 4))
+
+
+def _params(batch, cfg, **fixed):
+    """Drawn parameters with some set by hand (a scalar for every image, or one value per image)."""
+    params = augment_params(batch, cfg, torch.Generator().manual_seed(0), "cpu")
+    for key, value in fixed.items():
+        params[key] = torch.as_tensor(value, dtype=params[key].dtype).expand_as(params[key]).clone()
+    return params
+
+
+def test_hflip_and_vflip_are_flips_of_width_and_height():
+    x = _uint8_batch(4)
+    for flips, dims in ((dict(hflip=True, vflip=False), [3]), (dict(hflip=False, vflip=True), [2]),
+                        (dict(hflip=True, vflip=True), [2, 3]), (dict(hflip=False, vflip=False), [])):
+        cfg = DataConfig(augment=["hflip", "vflip"])
+        out = augment(x, _params(4, cfg, **flips), cfg)
+        torch.testing.assert_close(out, _standardise(torch.flip(x, dims).float() / 255), msg=str(flips))
+    # A single white pixel at row 2, column 5 of a black image: hflip moves it to column 31 - 5 = 26, vflip to row 29.
+    dot = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    dot[0, :, 2, 5] = 255
+    cfg = DataConfig(augment=["hflip", "vflip"])
+    flipped = augment(dot, _params(1, cfg, hflip=True, vflip=False), cfg)
+    assert (flipped[0, 0] > 0).nonzero().tolist() == [[2, 26]]
+    flipped = augment(dot, _params(1, cfg, hflip=False, vflip=True), cfg)
+    assert (flipped[0, 0] > 0).nonzero().tolist() == [[29, 5]]
+
+
+def test_flips_are_per_image():
+    cfg = DataConfig(augment=["hflip"])
+    x = _uint8_batch(4)
+    out = augment(x, _params(4, cfg, hflip=[True, False, False, True]), cfg)
+    expected = torch.stack([x[0].flip(2), x[1], x[2], x[3].flip(2)])
+    torch.testing.assert_close(out, _standardise(expected.float() / 255))
+
+
+def test_crop_is_a_window_of_the_zero_padded_image_at_dx_dy():
+    pad = 4
+    cfg = DataConfig(augment=["crop"], crop_padding=pad)
+    x = _uint8_batch(6)
+    dx, dy = [0, 8, 1, 6, 4, 3], [5, 2, 8, 0, 4, 7]  # per image, dx != dy, the extremes 0 and 2 * pad included
+    out = augment(x, _params(6, cfg, dx=dx, dy=dy), cfg)
+    padded = torch.zeros(6, 3, 32 + 2 * pad, 32 + 2 * pad, dtype=torch.uint8)
+    padded[:, :, pad:pad + 32, pad:pad + 32] = x
+    for k in range(6):
+        window = padded[k, :, dy[k]:dy[k] + 32, dx[k]:dx[k] + 32]  # dy picks rows, dx picks columns
+        torch.testing.assert_close(out[k], _standardise(window.float() / 255)[0], msg=f"image {k}")
+    # By hand for image 0 (dx 0, dy 5): moved right by 4 and up by 1; the first 4 columns and the last row are black.
+    black = _standardise(torch.zeros(1, 3, 1, 1))[0]
+    torch.testing.assert_close(out[0, :, :, :pad], black.expand(3, 32, pad))
+    torch.testing.assert_close(out[0, :, 31, :], black[:, 0].expand(3, 32))
+    torch.testing.assert_close(out[0, :, :31, pad:], _standardise(x[0:1, :, 1:, :28].float() / 255)[0])
+
+
+def test_rotation_by_90_degrees_is_rot90_counter_clockwise():
+    # With align_corners=False a quarter turn maps every output pixel centre onto an input pixel centre,
+    # so bilinear sampling is exact (up to float rounding of cos(pi/2)) over the whole image.
+    cfg = DataConfig(augment=["rotate"], rotate_degrees=90)
+    x = _uint8_batch(3)
+    out = augment(x, _params(3, cfg, angle=[math.pi / 2, 0.0, -math.pi / 2]), cfg)
+    torch.testing.assert_close(out[0], _standardise(torch.rot90(x[0:1], 1, (2, 3)).float() / 255)[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1], _standardise(x[1:2].float() / 255)[0])  # angle 0: untouched
+    torch.testing.assert_close(out[2], _standardise(torch.rot90(x[2:3], -1, (2, 3)).float() / 255)[0], atol=1e-4, rtol=0)
+    # By hand: +90 degrees moves the top-right corner pixel to the top-left.
+    dot = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    dot[0, :, 0, 31] = 255
+    turned = augment(dot, _params(1, cfg, angle=math.pi / 2), cfg)
+    assert (turned[0, 0] > 0).nonzero().tolist() == [[0, 0]]
+    # 45 degrees: the corners come from outside the image and are filled with black (zeros), not stretched edges.
+    white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    tilted = augment(white, _params(1, cfg, angle=math.pi / 4), cfg)
+    torch.testing.assert_close(tilted[0, :, 0, 0], _standardise(torch.zeros(1, 3, 1, 1)).flatten())
+    torch.testing.assert_close(tilted[0, :, 16, 16], _standardise(torch.ones(1, 3, 1, 1)).flatten())
+
+
+def _luma(x):
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+@pytest.mark.parametrize("b, c, s", [(1.3, 1.0, 1.0), (0.6, 1.0, 1.0), (1.0, 0.5, 1.0), (1.0, 1.4, 1.0),
+                                     (1.0, 1.0, 0.0), (1.0, 1.0, 1.6), (1.2, 0.7, 1.3)])
+def test_color_jitter_matches_the_hand_formulas(b, c, s):
+    cfg = DataConfig(augment=["color_jitter"])
+    x = _uint8_batch(4)
+    out = augment(x, _params(4, cfg, jitter=[b, c, s]), cfg)
+    y = x.float() / 255 * b                                 # brightness: scale
+    mean = _luma(y).mean((2, 3), keepdim=True)              # contrast: about the mean grey level of the image
+    y = (y - mean) * c + mean
+    y = _luma(y) + (y - _luma(y)) * s                       # saturation: away from each pixel's grey
+    torch.testing.assert_close(out, _standardise(y.clamp(0, 1)), atol=2e-6, rtol=0)
+    if (c, s) == (1.0, 1.0):
+        torch.testing.assert_close(out, _standardise((x.float() / 255 * b).clamp(0, 1)), atol=2e-6, rtol=0)
+    if s == 0.0:  # no saturation: grey, every channel the same luma
+        grey = (out * STD + MEAN)
+        torch.testing.assert_close(grey[:, 0], grey[:, 1], atol=2e-6, rtol=0)
+        torch.testing.assert_close(grey[:, 1], grey[:, 2], atol=2e-6, rtol=0)
+
+
+def test_color_jitter_factors_act_per_image():
+    cfg = DataConfig(augment=["color_jitter"])
+    x = _uint8_batch(1).expand(2, -1, -1, -1).contiguous()
+    out = augment(x, _params(2, cfg, jitter=[[0.8, 1.0, 1.0], [1.2, 1.0, 1.0]]), cfg)
+    torch.testing.assert_close(out[0], _standardise((x[:1].float() / 255 * 0.8).clamp(0, 1))[0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[1], _standardise((x[:1].float() / 255 * 1.2).clamp(0, 1))[0], atol=2e-6, rtol=0)
+
+
+def test_augment_params_are_per_image_within_their_ranges_and_reproducible():
+    cfg = DataConfig(augment=["crop", "hflip", "vflip", "rotate", "color_jitter"], crop_padding=4,
+                     rotate_degrees=15.0, color_jitter=0.2)
+    params = augment_params(512, cfg, torch.Generator().manual_seed(7), "cpu")
+    for key in ("dx", "dy"):
+        assert params[key].dtype == torch.int64 and set(params[key].tolist()) == set(range(9)), key  # 0..2 * pad
+    assert not torch.equal(params["dx"], params["dy"])  # two independent draws
+    for key in ("hflip", "vflip"):
+        assert params[key].dtype == torch.bool and 0.4 < params[key].float().mean() < 0.6, key
+    assert not torch.equal(params["hflip"], params["vflip"])
+    limit = math.radians(15.0)
+    assert params["angle"].abs().max() <= limit
+    assert params["angle"].min() < -0.9 * limit and params["angle"].max() > 0.9 * limit
+    assert params["jitter"].shape == (512, 3)
+    assert 0.8 <= params["jitter"].min() and params["jitter"].max() <= 1.2
+    for column in params["jitter"].unbind(1):  # brightness, contrast and saturation each span the range
+        assert column.min() < 0.82 and column.max() > 1.18
+    assert not torch.equal(params["jitter"][:, 0], params["jitter"][:, 1])
+    assert len(set(params["angle"].tolist())) == 512  # every image its own angle
+    again = augment_params(512, cfg, torch.Generator().manual_seed(7), "cpu")
+    assert all(torch.equal(params[k], again[k]) for k in params)
+    other = augment_params(512, cfg, torch.Generator().manual_seed(8), "cpu")
+    assert not torch.equal(params["dx"], other["dx"]) and not torch.equal(params["angle"], other["angle"])
+
+
+def test_augmentations_left_out_of_the_config_do_nothing():
+    cfg = DataConfig(augment=[], crop_padding=4)
+    params = augment_params(256, cfg, torch.Generator().manual_seed(0), "cpu")
+    assert (params["dx"] == 0).all() and (params["dy"] == 0).all()
+    assert not params["hflip"].any() and not params["vflip"].any()
+    x = _uint8_batch(8)
+    torch.testing.assert_close(augment(x, augment_params(8, cfg, torch.Generator().manual_seed(0), "cpu"), cfg),
+                               _standardise(x.float() / 255))
 
 
 def _batches(train, world, rank, accum):

@@ -61,12 +61,12 @@ def job_env(output_dir: Path) -> dict:
     return env
 
 
-def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES) -> str:
+def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES, **env: str) -> str:
     if "--data.path" not in args:
         args = ["--data.path", DATA, *args]
     out = subprocess.run(
         ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "slurm/train.sh", *args],
-        cwd=ROOT, env=job_env(output_dir), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env={**job_env(output_dir), **env}, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
@@ -150,7 +150,11 @@ def test_usr1_checkpoints_requeues_and_resumes(reference_run, tmp_path):
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert int(info["Restarts"]) >= 1, log[-4000:]
     assert "requeueing job" in log, log[-4000:]
-    assert re.search(r"resumed from .*step_\d+", log), log[-4000:]
+    # the requeued job resumed from the checkpoint written when the signal arrived, not an older one
+    stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
+    assert stopped, log[-4000:]
+    step = int(stopped.group(1))
+    assert re.search(rf"resumed from \S*step_{step:08d} at step {step}\b", log), log[-4000:]
     assert "restart 1/" in log  # the second start logged its SLURM_RESTART_COUNT
     print(f"USR1 -> finished after resume: {time.monotonic() - signalled:.0f} s")
     import torch
@@ -159,6 +163,35 @@ def test_usr1_checkpoints_requeues_and_resumes(reference_run, tmp_path):
     assert ref.keys() == got.keys()
     different = [k for k in ref if not torch.equal(ref[k], got[k])]
     assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+
+
+def wait_for_checkpoint(job: str, name: str, out: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((out / "checkpoints").glob("step_*")):
+        assert job_info(job)["JobState"] not in TERMINAL, read_log(name, job)[-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+def test_plain_scancel_and_the_restart_limit_checkpoint_without_requeue(tmp_path):
+    # side by side on one node each: a plain scancel (SIGTERM), and SIGUSR1 with MAX_RESTARTS=0
+    jobs = {"term": (f"distcifar-test-d1-{SESSION}", {}, []),
+            "usr1": (f"distcifar-test-d2-{SESSION}", {"MAX_RESTARTS": "0"}, ["--signal=USR1", "--full"])}
+    submitted = {key: submit(name, tmp_path / key, TRAIN_ARGS, nodes=1, **env) for key, (name, env, _) in jobs.items()}
+    for key, (name, _, scancel_args) in jobs.items():
+        wait_for_checkpoint(submitted[key], name, tmp_path / key)
+        subprocess.run(["scancel", *scancel_args, submitted[key]], check=True, timeout=30)
+    for key, (name, _, _) in jobs.items():
+        info = wait_for(submitted[key], name, timeout=300)
+        log = read_log(name, submitted[key])
+        assert info["Restarts"] == "0" and "requeueing job" not in log, log[-4000:]
+        stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
+        assert stopped, log[-4000:]
+        assert (tmp_path / key / "checkpoints" / f"step_{int(stopped.group(1)):08d}" / "manifest.json").is_file()
+        assert not (tmp_path / key / "summary.json").exists()
+        expected = ("not requeued. Resubmit to resume" if key == "term"
+                    else "restart limit MAX_RESTARTS=0 reached: not requeueing")
+        assert expected in log, log[-4000:]
 
 
 def test_bad_submission_fails_fast_without_requeue(tmp_path):

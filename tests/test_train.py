@@ -1,11 +1,15 @@
 """End-to-end training runs through the real launchers."""
 
 import json
+import re
+import signal
+import subprocess
+import time
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import launch_command, read_metrics, run, train_args
+from conftest import REPO, launch_command, read_metrics, run, train_args
 
 SUMMARY_KEYS = {"test_accuracy", "test_loss", "eval_samples", "global_step", "epochs", "images_per_second",
                 "wall_seconds", "num_processes", "mixed_precision"}
@@ -59,3 +63,118 @@ def test_real_cifar10_beats_chance_clearly(tmp_path, real_data):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_samples"] == 500
     assert summary["test_accuracy"] > 0.2, summary  # chance is 0.10; this small run reaches about 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# README promises, each through a real train.py run
+
+
+def _start(command, **kwargs):
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def _checkpoint_steps(out):
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["INT", "TERM", "USR1"])
+def test_a_signal_straight_to_train_py_checkpoints_that_step_and_exits_128_plus_signum(tmp_path, synthetic_data, signum):
+    out = tmp_path / "run"
+    process = _start(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.epochs", "3"))
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:  # steps 1-3 logged: mid-epoch 1
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, output[-2000:]
+    stopped = re.search(r"stopped by signal (\d+) at step (\d+)", output)
+    assert stopped and int(stopped.group(1)) == signum, output[-2000:]
+    step = int(stopped.group(2))
+    assert 3 <= step < 24  # the step after the signal, before the end of the run
+    assert _checkpoint_steps(out)[-1] == step
+    assert read_metrics(out)[-1]["step"] <= step
+    assert not (out / "summary.json").exists()
+
+
+def test_resume_finished_part_then_never_then_an_older_path(tmp_path, synthetic_data):
+    out = tmp_path / "run"
+    args = ("--checkpoint.every_steps", "3", "--checkpoint.keep", "10")
+    # a run that ends at step 4 (max_steps) resumes from step_00000004 and runs on to 16
+    run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.max_steps", "4", *args))
+    assert _checkpoint_steps(out) == [3, 4]
+    result = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, *args))
+    assert f"resumed from {out / 'checkpoints' / 'step_00000004'} at step 4" in result.stdout
+    assert _checkpoint_steps(out) == [3, 4, 6, 8, 9, 12, 15, 16]  # every 3 steps and each epoch end (8, 16)
+    steps = [m["step"] for m in read_metrics(out) if "train_loss" in m]
+    assert steps == [1, 2, 3, 4, *range(5, 17)]
+    # --resume PATH: an older checkpoint, into a new folder
+    older = out / "checkpoints" / "step_00000009"
+    other = tmp_path / "from9"
+    result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(older)))
+    assert f"resumed from {older} at step 9" in result.stdout
+    assert [m["step"] for m in read_metrics(other) if "train_loss" in m] == list(range(10, 17))
+    # --resume never: from scratch although checkpoints are there
+    result = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--resume", "never"))
+    assert "resumed" not in result.stdout
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 16
+    assert [m["step"] for m in read_metrics(out) if "train_loss" in m][-16:] == list(range(1, 17))
+    # a folder that is not there is a usage error
+    result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(tmp_path / "nope")),
+                 check=False)
+    assert result.returncode == 2 and "no such checkpoint folder" in result.stderr
+
+
+def test_weights_only_starts_a_new_schedule_from_the_weights(tmp_path, synthetic_data):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run(launch_command(1, launcher="python") + train_args(first, synthetic_data, "--train.epochs", "1"))
+    source = first / "checkpoints" / "step_00000008"
+    # a different data config would be refused for a plain resume; weights_only takes the weights and starts at step 1
+    changed = ("--data.train_limit", "128", "--resume", str(source))
+    refused = run(launch_command(1, launcher="python") + train_args(second, synthetic_data, *changed), check=False)
+    assert refused.returncode == 2 and "data.train_limit" in refused.stderr
+    result = run(launch_command(1, launcher="python") + train_args(second, synthetic_data, *changed,
+                                                                    "--checkpoint.weights_only", "true"))
+    assert f"resumed from {source} at step 8 (weights only)" in result.stdout
+    losses = {m["step"]: m["train_loss"] for m in read_metrics(second) if "train_loss" in m}
+    assert sorted(losses) == list(range(1, 9))  # 128 images / 32 = 4 steps per epoch, 2 epochs
+    fresh = tmp_path / "fresh"
+    run(launch_command(1, launcher="python") + train_args(fresh, synthetic_data, "--data.train_limit", "128"))
+    fresh_losses = {m["step"]: m["train_loss"] for m in read_metrics(fresh) if "train_loss" in m}
+    assert losses[1] < 0.8 * fresh_losses[1]  # the first step already has trained weights
+
+
+def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, synthetic_data):
+    out = tmp_path / "run"
+    result = run(launch_command(1, launcher="python") + train_args(
+        out, synthetic_data / "train.parquet", "--data.val_size", "56", "--train.epochs", "3",
+        "--checkpoint.keep", "1", "--checkpoint.keep_best", "true", "--checkpoint.every_minutes", "0.0001",
+        "--tracking.report_to", "tensorboard"))
+    # --data.path FILE (train only) + val_size: 200 training images, 56 held out for evaluation
+    assert "200 train / 56 validation images" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_split"] == "validation" and summary["eval_samples"] == 56
+    # every_minutes: the timer is due at every step here, so every step was saved before pruning
+    # keep 1 + keep_best: the newest, and the best by eval accuracy (the newest of equals)
+    evals = [(m["eval_accuracy"], m["step"]) for m in read_metrics(out) if "eval_accuracy" in m]
+    best_step = max(evals)[1]
+    assert _checkpoint_steps(out) == sorted({best_step, 18})
+    # tensorboard: real event files with the logged scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train_loss", "eval_accuracy", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train_loss")] == list(range(1, 19))
+
+
+def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
+    # 96 steps of the tiny network on 256 images of 10 colour classes: a learning network gets them all
+    out = tmp_path / "run"
+    run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.batch_size", "16",
+                                                          "--train.epochs", "6", "--model.dropout", "0.0"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.95, summary  # chance: 0.1; one class answered for all: about 0.1
+    losses = [m["train_loss"] for m in read_metrics(out) if "train_loss" in m]
+    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
