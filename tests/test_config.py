@@ -1,3 +1,6 @@
+"""The configuration and its command line: defaults, recipes and overrides, values as a user means them, --help
+with every field, and every mistake as one line and exit code 2 from every entry point."""
+
 import subprocess
 import sys
 

@@ -334,3 +334,27 @@ def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
         result = run_plot_cli(str(bad_dir))
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:"), result.stderr
+
+
+def test_plots_draw_the_logged_numbers(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
+    rows = [{"step": 10, "train_loss": 2.0, "lr": 0.1}, {"step": 20, "train_loss": 1.5, "lr": 0.05},
+            {"step": 20, "eval_loss": 1.7, "eval_accuracy": 0.4}, {"step": 30, "train_loss": 1.0, "lr": 0.01},
+            {"step": 30, "eval_loss": 1.2, "eval_accuracy": 0.6}]
+    (tmp_path / plot.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    confusion = [[3, 1], [0, 4]]
+    plot.write_confusion(tmp_path, confusion, ["cat", "dog"], step=30, epoch=2, split="test")
+    plot.redraw(tmp_path)
+    loss_ax, accuracy_ax, lr_ax = drawn[plot.CURVES_PNG].axes[:3]
+    lines = {(ax.get_title().split(" (")[0], line.get_label()): line.get_xydata().tolist()
+             for ax in (loss_ax, accuracy_ax, lr_ax) for line in ax.lines}
+    assert lines[("loss", "train")] == [[10, 2.0], [20, 1.5], [30, 1.0]]
+    assert lines[("loss", "eval")] == [[20, 1.7], [30, 1.2]]
+    assert lines[("accuracy", "eval")] == [[20, 0.4], [30, 0.6]]
+    assert [xy for (title, _), xy in lines.items() if title == "learning rate"] == [[[10, 0.1], [20, 0.05], [30, 0.01]]]
+    assert accuracy_ax.get_title() == "accuracy (best eval 0.6 at step 30)"
+    confusion_ax = drawn[plot.CONFUSION_PNG].axes[0]
+    assert confusion_ax.images[0].get_array().tolist() == confusion
+    assert "87.50% of 8 correct" in confusion_ax.get_title()
+    assert sorted(t.get_text() for t in confusion_ax.texts) == ["0", "1", "3", "4"]

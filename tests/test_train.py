@@ -1,4 +1,5 @@
-"""End-to-end training runs through the real launchers."""
+"""End-to-end train.py runs: a short run learns, runs are reproducible, and every README promise about
+resume, signals, checkpoint options, data options and trackers holds through a real run."""
 
 import json
 import re
@@ -178,3 +179,15 @@ def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
     assert summary["test_accuracy"] >= 0.95, summary  # chance: 0.1; one class answered for all: about 0.1
     losses = [m["train_loss"] for m in read_metrics(out) if "train_loss" in m]
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
+
+
+def test_the_wandb_run_id_is_carried_through_a_real_resume(tmp_path, synthetic_data):
+    out = tmp_path / "run"
+    first = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--tracking.report_to", "wandb",
+                                                                  "--train.max_steps", "4"))
+    run_id = json.loads((out / "summary.json").read_text())["tracker_run_id"]
+    second = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--tracking.report_to", "wandb"))
+    assert "at step 4" in second.stdout, first.stdout[-2000:]
+    assert json.loads((out / "summary.json").read_text())["tracker_run_id"] == run_id
+    files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # two attempts, one W&B run
