@@ -12,7 +12,7 @@ from accelerate.state import AcceleratorState
 
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, OptimConfig
-from distcifar.engine import RunState, StepReport, train_step
+from distcifar.engine import Parts, RunState, StepReport, evaluate, train_step
 from distcifar.runtime import build_accelerator
 
 
@@ -105,3 +105,19 @@ def test_checkpointer_saves_on_a_signal_or_the_timer_but_not_twice_at_one_step(a
     assert checkpoints.timer_expired()
     checkpoints.saved_step = 3  # already saved at this step (e.g. the resume point)
     assert not checkpoints.due(state, StepReport(stop_signal=15), epoch_end=True, last=True)
+
+
+def test_evaluate_counts_true_rows_and_predicted_columns_and_the_mean_loss(accelerator):
+    class Fixed(torch.nn.Module):  # always the same logits: class 2 most likely, then class 0
+        def forward(self, images):
+            return torch.tensor([[1.0, 0.0, 3.0]]).expand(len(images), 3)
+
+    labels = torch.tensor([0, 2, 2, 1, 2])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(5, 3, 32, 32, dtype=torch.uint8),
+                                                                        labels), batch_size=2)
+    result = evaluate(accelerator, Parts(Fixed(), loader, torch.contiguous_format), num_classes=3)
+    assert result["confusion"] == [[0, 0, 1], [0, 0, 1], [0, 0, 3]]  # rows: true class, columns: predicted
+    assert result["per_class_accuracy"] == [0.0, 0.0, 1.0]
+    assert result["eval_accuracy"] == 3 / 5 and result["eval_samples"] == 5
+    log_p = torch.tensor([1.0, 0.0, 3.0]).log_softmax(0)
+    assert result["eval_loss"] == pytest.approx(-(log_p[0] + log_p[1] + 3 * log_p[2]).item() / 5)

@@ -2,6 +2,7 @@
 resume, signals, checkpoint options, data options and trackers holds through a real run."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -25,6 +26,9 @@ def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic
     assert summary["eval_samples"] == 101 and summary["global_step"] == 24 and summary["num_processes"] == 1
     losses = [m["train_loss"] for m in read_metrics(out) if "train_loss" in m]
     assert len(losses) == 24
+    # the rate each step used: a 4-step warm-up to 0.003 (8 steps per epoch x 0.5), then cosine over 20 steps
+    lrs = [m["lr"] for m in read_metrics(out) if "lr" in m]
+    assert lrs[:6] == pytest.approx([0.00075, 0.0015, 0.00225, 0.003, 0.003, 0.003 * (1 + math.cos(math.pi / 20)) / 2])
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
     evals = [m for m in read_metrics(out) if "eval_accuracy" in m]
     assert [m["step"] for m in evals] == [8, 16, 24]
