@@ -29,7 +29,6 @@ counts: it only proves that everything runs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math

@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     tracker = tracking.Tracker(accelerator, cfg, out, state.tracker_run_id, hardware(accelerator))
     state.tracker_run_id = tracker.run_id
     steps_per_epoch, world = parts.batches.steps_per_epoch, accelerator.num_processes
+    threads = f", {torch.get_num_threads()} threads" if accelerator.device.type == "cpu" else ""
     print_once(
         f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {world} process(es) on "
-        f"{accelerator.device} ({accelerator.distributed_type}), {accelerator.mixed_precision} | global batch "
+        f"{accelerator.device} ({accelerator.distributed_type}{threads}), {accelerator.mixed_precision} | global batch "
         f"{cfg.train.batch_size} = {parts.batches.micro_batch} per device x {world} processes x "
         f"{cfg.train.grad_accum_steps} accumulation steps | {steps_per_epoch} steps/epoch, {parts.total_steps} total"
     )
@@ -122,6 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "per_class_accuracy"}))
     tracker.finish(summary)
+    print_once(
+        f"\n{eval_name} accuracy {summary['test_accuracy']:.2%} on {summary['eval_samples']} images after "
+        f"{summary['epochs']:g} epochs ({summary['wall_seconds']:.0f} s of training)\n"
+        f"plots: {out / 'curves.png'}, {out / 'confusion.png'} | model: {out / 'final'} | summary: {out / 'summary.json'}\n"
+        "the full seed network on a GPU: accelerate launch --config_file launch/gpu.yaml distcifar/train.py "
+        "--config configs/default.yaml"
+    )
     accelerator.end_training()
 
 

@@ -248,7 +248,7 @@ def main() -> None:
     sub.add_parser("whoami")
     args = parser.parse_args()
     if args.mode == "make-data":  # the synthetic dataset the tests use, for runs by hand
-        from conftest import write_parquet_dataset
+        from support import write_parquet_dataset
 
         write_parquet_dataset(Path(args.path), args.train, args.test)
     elif args.mode == "check":

@@ -13,14 +13,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import REPO, kill_tree, launch_command, read_metrics, run, train_args
+from support import REPO, TINY_MODEL_CONFIG as TINY, kill_tree, launch_command, read_metrics, run, train_args
 from distcifar.checkpoint import Checkpointer, CheckpointError
 from distcifar.config import CheckpointConfig, Config, ModelConfig
 from distcifar.engine import RunState
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
 
-TINY = ModelConfig(block_channels=[8, 8, 16, 16, 24, 24], classifier_hidden=[32])
 FILES = {"manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from support import REPO
 from distcifar.config import Config, ConfigError, config_from_dict, flatten, parse_config
 
 

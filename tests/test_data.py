@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import distcifar.data as data
-from conftest import make_images, write_parquet_dataset
+from support import make_images, write_parquet_dataset
 from distcifar.config import DataConfig
 from distcifar.data import DataError, TrainBatches, augment, augment_params, load_splits, normalize
 

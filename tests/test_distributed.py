@@ -51,7 +51,7 @@ import pytest
 pytest.importorskip("accelerate", reason="accelerate is not installed")
 pytest.importorskip("datasets", reason="datasets is not installed")
 
-from conftest import free_port, write_parquet_dataset  # noqa: E402
+from support import TINY_MODEL, free_port, slurm_answers, write_parquet_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "dist_probe.py"
@@ -72,7 +72,7 @@ pytestmark = pytest.mark.skipif(ACCELERATE is None or TORCHRUN is None,
 STEPS, STEPS_PER_EPOCH = 10, 8  # 256 training images / global batch 32: the run crosses an epoch
 TRAIN_IMAGES, TEST_IMAGES = 256, 101  # 101: not divisible by 2 or 3 processes, nor by eval batches
 TINY = [
-    "--model.block_channels", "[8,8,16,16,24,24]", "--model.classifier_hidden", "[32]",
+    *TINY_MODEL,
     "--data.train_limit", "256", "--data.eval_limit", str(TEST_IMAGES),
     "--train.batch_size", "32", "--train.eval_batch_size", "16",
     "--train.epochs", "2", "--train.max_steps", str(STEPS), "--train.log_every", "1",
@@ -486,17 +486,8 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(l
 # 8. Processes started without a launcher must not train as unsynchronised copies
 
 
-def _slurm_answers() -> bool:
-    if shutil.which("srun") is None or shutil.which("sinfo") is None:
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def test_srun_tasks_without_a_launcher_are_refused(lab):
-    if not _slurm_answers():
+    if not slurm_answers():
         pytest.skip("no Slurm cluster answers")
     run = train_run(lab, "srun", ["srun", "--immediate=30", "--nodes=2", "--ntasks=2", sys.executable],
                     timeout=240)

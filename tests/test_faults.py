@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save_file
 
-from conftest import REPO, kill_tree, launch_command, read_metrics, run, train_args
+from support import REPO, kill_tree, launch_command, read_metrics, run, train_args
 from distcifar.checkpoint import read_verified
 
 QUICK_FAIL = ("--train.collective_timeout_s", "120")  # a hang would show as a run far longer than this test allows

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from distcifar.config import ModelConfig, OptimConfig
+from distcifar.config import OptimConfig
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
 
-TINY = ModelConfig(block_channels=[8, 8, 16, 16, 24, 24], classifier_hidden=[32])
+from support import TINY_MODEL_CONFIG as TINY
 
 
 def _lrs_used(cfg: OptimConfig, steps_per_epoch: int, total_steps: int) -> list[float]:

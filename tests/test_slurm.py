@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,22 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from support import slurm_answers
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = os.environ.get("DISTCIFAR_TEST_DATA")
 
 
-def _cluster_up() -> bool:
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 pytestmark = [
     pytest.mark.skipif(not DATA, reason="DISTCIFAR_TEST_DATA not set"),
-    pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster (bash slurm/testcluster.sh up)"),
+    pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster (bash slurm/testcluster.sh up)"),
 ]
 
 NODES = 2

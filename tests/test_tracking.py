@@ -2,13 +2,12 @@
 
 An offline run writes everything it would upload to OUTPUT_DIR/wandb/offline-run-*/run-<id>.wandb:
 protobuf `Record`s in LevelDB's log framing (what `wandb sync` reads). wandb 0.31 ships no
-Python reader for it any more, so `read_wandb_records` below decodes the framing itself.
+Python reader for it any more, so `support.read_wandb_records` decodes the framing itself.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from distcifar import plot
 from distcifar.config import Config, ModelConfig, TrackingConfig
 from distcifar.model import DistCifarNet
 from distcifar.tracking import Tracker, report_to
+from support import read_metrics, read_wandb_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HARDWARE = {"device": "cpu", "num_processes": 1, "mixed_precision": "no"}
@@ -32,37 +32,6 @@ HARDWARE = {"device": "cpu", "num_processes": 1, "mixed_precision": "no"}
 
 # ---------------------------------------------------------------------------------------------
 # Reading an offline W&B run
-
-LOG_BLOCK_SIZE = 32768
-LOG_HEADER = struct.Struct("<IHB")  # crc32c, payload length, chunk type
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def read_wandb_records(path: Path) -> list:
-    """All protobuf Records of a run-<id>.wandb file, in write order."""
-    from wandb.proto.wandb_internal_pb2 import Record
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
-    records, pending, position = [], b"", 7  # after the file header ":W&B", magic (2 bytes), version
-    while position + LOG_HEADER.size <= len(data):
-        left_in_block = LOG_BLOCK_SIZE - position % LOG_BLOCK_SIZE
-        if left_in_block < LOG_HEADER.size:  # too short for a chunk header: zero padding
-            position += left_in_block
-            continue
-        _, length, chunk_type = LOG_HEADER.unpack_from(data, position)
-        if chunk_type == 0:  # zero padding up to the end of the block
-            position += left_in_block
-            continue
-        payload = data[position + LOG_HEADER.size: position + LOG_HEADER.size + length]
-        position += LOG_HEADER.size + length
-        pending = payload if chunk_type in (FULL, FIRST) else pending + payload
-        if chunk_type in (FULL, LAST):
-            record = Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
 
 def _item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
@@ -171,10 +140,6 @@ def train_and_evaluate(tracker: Tracker, model: DistCifarNet, steps: list[int], 
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (8,), generator=generator)
     tracker.log_eval(result, steps[-1], model, images, labels)
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
