@@ -11,6 +11,7 @@ data-loader state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -78,6 +79,9 @@ def _hub_offline():
 def load_dataset_dict(cfg: DataConfig):
     """The raw `datasets.DatasetDict` from --data.path or the hub."""
     import datasets
+
+    # A local folder whose README has no YAML header is common and harmless: no warning about it.
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
 
     if cfg.path:
         path = Path(cfg.path).expanduser()
