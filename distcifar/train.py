@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if exit_signal:
         print_once(f"stopped by signal {exit_signal} at step {state.step}; checkpoint saved, resume with the same command")
         tracker.finish(exit_code=128 + exit_signal)
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         sys.exit(128 + exit_signal)
 
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         "the full seed network on a GPU: accelerate launch --config_file launch/gpu.yaml distcifar/train.py "
         "--config configs/default.yaml"
     )
+    # Leave together: a rank that tears its process group down while the main process still writes
+    # files was seen to abort in gloo's teardown ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
