@@ -175,7 +175,8 @@ class CheckpointConfig:
 class TrackingConfig:
     report_to: Literal["auto", "wandb", "tensorboard", "none"] = "auto"
     """auto: W&B when WANDB_MODE or W&B credentials are set, else none (metrics.jsonl is always written)."""
-    project: str = "distcifar"
+    project: str | None = None
+    """W&B project (unset: $WANDB_PROJECT, else distcifar). Unset fields leave W&B's WANDB_* variables in charge."""
     entity: str | None = None
     run_name: str | None = None
     group: str | None = None

@@ -70,7 +70,8 @@ class Tracker:
         self.accelerator = accelerator
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        self.run_id = run_id or _new_run_id()  # train.py stores it in checkpoints to resume the W&B run
+        # train.py stores the id in checkpoints to resume the W&B run; WANDB_RUN_ID names a new run's id
+        self.run_id = run_id or os.environ.get("WANDB_RUN_ID") or _new_run_id()
         self.report_to = report_to(cfg.tracking)
         self.is_main = accelerator.is_main_process
         self._wandb_run = None  # the wandb Run while W&B is on
@@ -89,17 +90,20 @@ class Tracker:
         run_config = {**flatten(self.cfg.to_dict()), **hardware, "git_commit": _git_commit()}
         if self.report_to == "tensorboard":  # add_hparams takes only numbers, strings and bools
             run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_config.items()}
-        wandb_kwargs = {
-            "id": self.run_id,
-            "resume": "allow",
-            "name": tracking.run_name,  # None: W&B makes one up
-            "entity": tracking.entity,
-            "group": tracking.group,
-            "tags": tracking.tags,
-            "dir": str(self.output_dir),
-        }
+        # Only what the config sets goes to wandb.init: init arguments beat the environment, so the
+        # standard WANDB_* variables (project, entity, name, group, tags, dir, resume) must stay free.
+        wandb_kwargs = {"id": self.run_id}
+        if not os.environ.get("WANDB_RESUME"):
+            wandb_kwargs["resume"] = "allow"
+        if not os.environ.get("WANDB_DIR"):
+            wandb_kwargs["dir"] = str(self.output_dir)
+        for key, value in (("name", tracking.run_name), ("entity", tracking.entity), ("group", tracking.group),
+                           ("tags", tracking.tags)):
+            if value:  # an empty tag list on a resume would also wipe tags added in the W&B UI
+                wandb_kwargs[key] = value
+        project = tracking.project or os.environ.get("WANDB_PROJECT") or "distcifar"
         try:
-            self.accelerator.init_trackers(tracking.project, config=run_config, init_kwargs={"wandb": wandb_kwargs})
+            self.accelerator.init_trackers(project, config=run_config, init_kwargs={"wandb": wandb_kwargs})
             if self.report_to not in [tracker.name for tracker in self.accelerator.trackers]:
                 raise RuntimeError(f"the Accelerator was built without log_with=['{self.report_to}'] or it is not installed")
         except Exception as err:  # never let tracking stop training

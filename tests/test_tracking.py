@@ -39,11 +39,13 @@ def _item_key(item) -> str:
 
 def read_offline_run(run_file: Path) -> dict:
     """The run id, history rows by step, summary updates, config keys and exit code of one offline run."""
-    run = {"id": None, "history": {}, "summary": {}, "config": set(), "exit_code": None}
+    run = {"id": None, "init": {}, "history": {}, "summary": {}, "config": set(), "exit_code": None}
     for record in read_wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run["id"] = record.run.run_id
+            run["init"] = {"project": record.run.project, "name": record.run.display_name,
+                           "group": record.run.run_group, "tags": list(record.run.tags)}
         elif kind == "history":
             row = run["history"].setdefault(record.history.step.num, {})
             row.update({_item_key(item): json.loads(item.value_json) for item in record.history.item})
@@ -86,9 +88,9 @@ def isolated_env(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID",
+                 "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_RESUME", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)  # runs go to OUTPUT_DIR/wandb unless a test sets WANDB_DIR
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
@@ -323,3 +325,28 @@ def test_plots_draw_the_logged_numbers(tmp_path, monkeypatch):
     assert confusion_ax.images[0].get_array().tolist() == confusion
     assert "87.50% of 8 correct" in confusion_ax.get_title()
     assert sorted(t.get_text() for t in confusion_ax.texts) == ["0", "1", "3", "4"]
+
+
+def test_the_standard_wandb_variables_apply_where_the_config_is_silent(tmp_path, offline_wandb, model, monkeypatch):
+    for name, value in {"WANDB_PROJECT": "from-env", "WANDB_NAME": "env-name", "WANDB_RUN_GROUP": "env-group",
+                        "WANDB_TAGS": "a,b", "WANDB_RUN_ID": "envid0001", "WANDB_DIR": str(tmp_path / "env-dir")}.items():
+        monkeypatch.setenv(name, value)
+    tracker = make_tracker(make_config("wandb", plots=False), tmp_path / "env")
+    assert tracker.run_id == "envid0001"
+    train_and_evaluate(tracker, model, steps=[5], epoch=1)
+    tracker.finish()
+    assert not (tmp_path / "env" / "wandb").exists()
+    (run,) = offline_runs(tmp_path / "env-dir", count=1)  # WANDB_DIR/wandb/offline-run-*
+    assert run["id"] == "envid0001"
+    assert run["init"] == {"project": "from-env", "name": "env-name", "group": "env-group", "tags": ["a", "b"]}
+    # what the config sets wins over the environment
+    cfg = make_config("wandb", plots=False)
+    cfg.tracking.project, cfg.tracking.run_name, cfg.tracking.tags = "from-config", "config-name", ["c"]
+    monkeypatch.delenv("WANDB_DIR")
+    output_dir = tmp_path / "config"
+    tracker = make_tracker(cfg, output_dir, run_id="given0002")
+    train_and_evaluate(tracker, model, steps=[5], epoch=1)
+    tracker.finish()
+    (run,) = offline_runs(output_dir, count=1)
+    assert run["id"] == "given0002"
+    assert run["init"] == {"project": "from-config", "name": "config-name", "group": "env-group", "tags": ["c"]}
