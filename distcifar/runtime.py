@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -66,6 +67,23 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
             "`accelerate launch --config_file launch/cpu_multi.yaml` or torchrun."
         )
     return accelerator
+
+
+def leave(accelerator: Accelerator, exit_code: int = 0) -> None:
+    """End the run on every rank together, then exit with `exit_code` (return when it is 0 and alone).
+
+    With several processes the interpreter's own teardown is skipped once the atexit handlers have
+    run: a rank tearing down torch.distributed's C++ state at interpreter exit was seen to abort now
+    and then ("terminate called without an active exception", SIGABRT) after a run had finished."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        atexit._run_exitfuncs()  # the output lock, W&B
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    if exit_code:
+        sys.exit(exit_code)
 
 
 def hardware(accelerator: Accelerator) -> dict:

@@ -27,7 +27,7 @@ from distcifar.config import parse_config
 from distcifar.data import load_splits
 from distcifar.engine import build, evaluate, optimizer_steps
 from distcifar.cli import entry_point
-from distcifar.runtime import OutputLock, StopRequest, build_accelerator, hardware, print_once
+from distcifar.runtime import OutputLock, StopRequest, build_accelerator, hardware, leave, print_once
 
 
 @entry_point
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if exit_signal:
         print_once(f"stopped by signal {exit_signal} at step {state.step}; checkpoint saved, resume with the same command")
         tracker.finish(exit_code=128 + exit_signal)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        sys.exit(128 + exit_signal)
+        leave(accelerator, 128 + exit_signal)
 
     if result is None:  # resumed from a finished run: nothing trained, evaluate once
         result = evaluate(accelerator, parts, cfg.model.num_classes)
@@ -131,10 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "the full seed network on a GPU: accelerate launch --config_file launch/gpu.yaml distcifar/train.py "
         "--config configs/default.yaml"
     )
-    # Leave together: a rank that tears its process group down while the main process still writes
-    # files was seen to abort in gloo's teardown ("terminate called without an active exception").
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    leave(accelerator)
 
 
 if __name__ == "__main__":
