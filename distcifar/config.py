@@ -3,11 +3,10 @@
     --config FILE.yaml   a recipe (YAML); later options override it
     --section.field V    one field; lists as [8,16,32], strings as they are typed
 
-Each section checks its own values in `__post_init__`; `Config.__post_init__` checks the fields
-that depend on each other. Every mistake (unknown key, wrong type, impossible value) becomes a
-ConfigError: one line that names the field, turned into exit code 2 before any heavy work starts.
-YAML is read as YAML 1.2 does: `1e-3` is a number, and only true/false are booleans (`no` stays a
-string).
+Each section checks its own values in `__post_init__` (checks that need the process count live where
+it is known: TrainBatches, runtime.build_accelerator). Every mistake (unknown key, wrong type,
+impossible value) becomes a ConfigError: one line that names the field, turned into exit code 2
+before any heavy work starts. How values are read (YAML 1.2) is said in cli.py.
 """
 
 from __future__ import annotations
