@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 import sys
 
@@ -27,8 +28,15 @@ class RunFailed(Exception):
     """The run met a fault it can name (divergence, a full disk); nothing good was lost (exit code 1)."""
 
 
+EXIT_CODE_FILE = "DISTCIFAR_EXIT_CODE_FILE"
+
+
 def entry_point(main):
-    """Run main(); a UsageError becomes one line on stderr and exit code 2, a RunFailed exit code 1."""
+    """Run main(); a UsageError becomes one line on stderr and exit code 2, a RunFailed exit code 1.
+
+    accelerate launch exits with 1 whatever its workers' codes, so the main process (RANK 0 or no
+    launcher) also writes its code to the file $DISTCIFAR_EXIT_CODE_FILE names, when set
+    (slurm/train.sh sets it and exits with that code)."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
@@ -37,7 +45,15 @@ def entry_point(main):
         except (UsageError, RunFailed) as err:
             if str(err):  # empty: another rank follows the main process's error, which says it once
                 print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2 if isinstance(err, UsageError) else 1)
+            code = 2 if isinstance(err, UsageError) else 1
+            path = os.environ.get(EXIT_CODE_FILE)
+            if path and os.environ.get("RANK", "0") == "0":
+                try:
+                    with open(path, "w") as file:
+                        file.write(f"{code}\n")
+                except OSError:  # not on the launching host: the launcher's code stands
+                    pass
+            sys.exit(code)
 
     return run
 

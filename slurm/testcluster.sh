@@ -5,7 +5,7 @@
 #   bash slurm/testcluster.sh status  # show daemons, nodes and the queue
 #   bash slurm/testcluster.sh down    # cancel its jobs, stop only the daemons it started
 #
-# Two slurmd daemons (nodes n1 and n2, one CPU each) run on this machine with
+# Two slurmd daemons (nodes n1 and n2, two CPUs each) run on this machine with
 # NodeAddr=127.0.0.1, plus slurmctld and (if not already running) munged.
 # State, spool directories, logs and pid files live in $STATE_DIR.
 # The configuration is written to /etc/slurm/slurm.conf (where the Debian
@@ -104,7 +104,10 @@ CryptoType=crypto/munge
 AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# tasks are bound to the job's CPUs, as on a real cluster (tests/test_slurm.py checks --cpus-per-task);
+# the emulated nodes share this machine's cores, so every job gets whole nodes (OverSubscribe=EXCLUSIVE
+# below): two 1-CPU jobs on n1 and n2 would both be bound to core 0
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
@@ -118,6 +121,8 @@ JobCompLoc=$STATE_DIR/jobcomp/jobcomp.txt
 FirstJobId=$first_job_id
 MailProg=/bin/true
 ReturnToService=2
+# the nodes' CPUs as written below, whatever this machine has (2 each: a job can ask --cpus-per-task=2)
+SlurmdParameters=config_overrides
 MinJobAge=600
 KillWait=30
 StateSaveLocation=$STATE_DIR/state
@@ -128,8 +133,8 @@ SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
 SlurmdLogFile=$STATE_DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[$NODE_PORTS] CPUs=1 State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[$NODE_PORTS] CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE OverSubscribe=EXCLUSIVE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"
 }
@@ -179,7 +184,7 @@ cmd_up() {
     done
     sinfo -N
     cat <<EOF
-[testcluster] up: partition 'debug', nodes n1 n2 (1 CPU each, emulated on $HOST).
+[testcluster] up: partition 'debug', nodes n1 n2 (2 CPUs each, emulated on $HOST).
   sbatch --nodes=2 slurm/train.sh --data.path /path/to/cifar10   # from the project root
   squeue; scontrol show job JOBID; cat logs/distcifar-JOBID.out
   bash slurm/testcluster.sh down                                 # stop it again

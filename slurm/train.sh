@@ -5,6 +5,7 @@
 #   sbatch slurm/train.sh [ARGS FOR train.py]            e.g. --data.path /data/cifar10 --train.epochs 3
 #   sbatch --nodes=2 --gpus-per-node=4 --time=04:00:00 slurm/train.sh ...
 #   CONFIG=configs/smoke.yaml OUTPUT_DIR=runs/smoke sbatch slurm/train.sh ...
+#   SWEEP=optim.lr=0.1,0.2,0.4 sbatch --array=0-2 slurm/train.sh ...   # one run per value
 #
 # Resources: any #SBATCH line below can be overridden on the sbatch command line.
 # One srun task per node runs `accelerate launch` (or plain python for a single process)
@@ -13,12 +14,16 @@
 # Environment variables (all optional; sbatch passes your environment to the job):
 #   CONFIG          training config               (default configs/default.yaml)
 #   OUTPUT_DIR      run folder: checkpoints, final model, metrics (default runs/<job name>);
-#                   train.py resumes from its newest checkpoint automatically
+#                   train.py resumes from its newest checkpoint automatically. Array task N
+#                   uses OUTPUT_DIR/N (default runs/<job name>-<array job id>/N)
+#   SWEEP           KEY=V0,V1,... for an array job: task N adds --KEY VN to train.py's arguments
+#                   (e.g. SWEEP=optim.lr=0.1,0.2,0.4 with --array=0-2; values without commas)
 #   PYTHON          python interpreter to use     (default $VENV/bin/python, else ./.venv/bin/python,
 #   VENV            virtual environment folder     else python3 on PATH)
 #   PROCS_PER_NODE  processes per node            (default: SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES,
 #                                                  nvidia-smi -L; 1 without GPUs)
 #   MAX_RESTARTS    self-requeues after SIGUSR1    (default 10; compared with SLURM_RESTART_COUNT)
+#                   (an array task requeues only itself: scontrol requeue <array job id>_<task id>)
 #   MAIN_ADDR       address of the first node      (default: its NodeAddr from scontrol)
 #   MAIN_PORT       rendezvous port                (default 20000 + job id % 10000)
 #   SRUN_WAIT       seconds to wait for the other nodes once one node's task has ended, then
@@ -26,13 +31,20 @@
 #   PROJECT_DIR     project root                   (default: the job's working directory, i.e.
 #                                                  where sbatch ran, or --chdir)
 #
-# Preemption / time limit: Slurm sends SIGUSR1 to this batch shell 300 s before the time
-# limit (--signal=B:USR1@300); `scancel --signal=USR1 --full JOBID` does the same by hand.
+# Time limit: Slurm sends SIGUSR1 to this batch shell 300 s before the time limit
+# (--signal=B:USR1@300); `scancel --signal=USR1 --full JOBID` does the same by hand.
 # The batch shell passes it on to every node; there the SIGUSR1 reaches the workers
 # and each node's wrapper sends SIGTERM to its launcher, which passes it to its workers
 # (torchrun gives them 30 s). train.py saves a checkpoint at the next step boundary and exits;
 # the job then requeues itself (scontrol requeue, same job id, same log file) and resumes.
-# A plain `scancel JOBID` (SIGTERM) also makes train.py checkpoint, but the job is not requeued.
+# Preemption, scancel and the time limit itself send SIGTERM (then SIGKILL after the cluster's
+# KillWait, or GraceTime for preemption) to every process of the job: train.py checkpoints at
+# the next step boundary. Under PreemptMode=REQUEUE (or `scontrol requeue JOBID`) Slurm then
+# requeues the job itself and the next start resumes; after scancel, PreemptMode=CANCEL or the
+# time limit the job ends, and a resubmission with the same OUTPUT_DIR resumes.
+#
+# Exit code (sacct's and scontrol's ExitCode): train.py's own, also through accelerate launch
+# (which reports 1 for any failure): 2 for a usage error, 1 for a failed run.
 #
 #SBATCH --job-name=distcifar
 #SBATCH --nodes=1
@@ -48,7 +60,8 @@ log() { echo "[train.sh $(date +%H:%M:%S)] $*"; }
 fail() { echo "[train.sh] ERROR: $*" >&2; exit 2; }
 
 # Signals to this batch shell. SIGUSR1 (--signal=B:USR1@..., or scancel --signal=USR1):
-# stop with a checkpoint, then requeue. SIGTERM/SIGINT (scancel, time limit): stop, no requeue.
+# stop with a checkpoint, then requeue. SIGTERM/SIGINT (scancel, time limit, preemption, a
+# requeue by Slurm): stop; Slurm decides whether the job comes back.
 REQUEUE=0
 STOPPED=0
 SRUN_PID=
@@ -59,7 +72,7 @@ on_usr1() {
         [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
     fi
 }
-on_term() { STOPPED=1; log "SIGTERM/SIGINT: training checkpoints and stops; no requeue"; }
+on_term() { STOPPED=1; log "SIGTERM/SIGINT: training checkpoints and stops"; }
 trap on_usr1 USR1
 trap on_term TERM INT
 
@@ -70,7 +83,24 @@ cd "$PROJECT_DIR" || fail "cannot cd to $PROJECT_DIR"
 [ -f distcifar/train.py ] || fail "no distcifar/train.py in $PROJECT_DIR: submit from the project root"
 
 CONFIG=${CONFIG:-configs/default.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-distcifar}}
+JOB=$SLURM_JOB_ID  # what a requeue targets: an array's job id would requeue every task of it
+SWEEP_ARGS=()
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    JOB=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+    OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-distcifar}-$SLURM_ARRAY_JOB_ID}/$SLURM_ARRAY_TASK_ID
+    if [ -n "${SWEEP:-}" ]; then
+        IFS=, read -r -a SWEEP_VALUES <<<"${SWEEP#*=}"
+        [ "${SWEEP%%=*}" != "$SWEEP" ] && [ "${#SWEEP_VALUES[@]}" -gt 0 ] \
+            || fail "SWEEP must be KEY=V0,V1,... (e.g. optim.lr=0.1,0.2), not '$SWEEP'"
+        [ "$SLURM_ARRAY_TASK_ID" -lt "${#SWEEP_VALUES[@]}" ] \
+            || fail "array task $SLURM_ARRAY_TASK_ID has no value in SWEEP=$SWEEP: use --array=0-$(( ${#SWEEP_VALUES[@]} - 1 ))"
+        SWEEP_KEY=${SWEEP%%=*}
+        SWEEP_ARGS=("--${SWEEP_KEY#--}" "${SWEEP_VALUES[$SLURM_ARRAY_TASK_ID]}")
+    fi
+else
+    [ -z "${SWEEP:-}" ] || fail "SWEEP=$SWEEP needs an array job: sbatch --array=0-N slurm/train.sh ..."
+    OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-distcifar}}
+fi
 MAX_RESTARTS=${MAX_RESTARTS:-10}
 SRUN_WAIT=${SRUN_WAIT:-300}
 RESTART=${SLURM_RESTART_COUNT:-0}
@@ -106,7 +136,7 @@ if [ -z "${MAIN_ADDR:-}" ]; then
 fi
 MAIN_PORT=${MAIN_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}
 
-TRAIN_ARGS=(distcifar/train.py --config "$CONFIG" --output_dir "$OUTPUT_DIR" "$@")
+TRAIN_ARGS=(distcifar/train.py --config "$CONFIG" --output_dir "$OUTPUT_DIR" "$@" "${SWEEP_ARGS[@]}")
 if [ "$NPROCS" -gt 1 ]; then
     # --multi_gpu is also right without CUDA: train.py then runs a gloo MULTI_CPU job.
     # --machine_rank "$SLURM_NODEID" is added on each node by NODE_SCRIPT.
@@ -118,7 +148,7 @@ else
     CMD=(single "$PYTHON" "${TRAIN_ARGS[@]}")
 fi
 
-log "job $SLURM_JOB_ID restart $RESTART/$MAX_RESTARTS: $NNODES node(s) [$SLURM_JOB_NODELIST] x $PROCS_PER_NODE proc(s), main $MAIN_ADDR:$MAIN_PORT, output $OUTPUT_DIR"
+log "job $JOB restart $RESTART/$MAX_RESTARTS: $NNODES node(s) [$SLURM_JOB_NODELIST] x $PROCS_PER_NODE proc(s), main $MAIN_ADDR:$MAIN_PORT, output $OUTPUT_DIR"
 log "train.py args: ${TRAIN_ARGS[*]:1}"
 
 # Runs once per node (srun task). Single quotes: $SLURM_NODEID etc. are read on each node.
@@ -131,12 +161,15 @@ log "train.py args: ${TRAIN_ARGS[*]:1}"
 NODE_SCRIPT='
 mode=$1; shift
 node=${SLURM_NODEID:-0}
-if [ -z "${OMP_NUM_THREADS:-}" ] && [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
-    export OMP_NUM_THREADS=$(( SLURM_CPUS_ON_NODE / ${PROCS_PER_NODE:-1} > 0 ? SLURM_CPUS_ON_NODE / ${PROCS_PER_NODE:-1} : 1 ))
+# the CPUs this task may run on (its affinity), at most what the job holds on the node
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+if [ -n "${SLURM_CPUS_ON_NODE:-}" ] && [ "$SLURM_CPUS_ON_NODE" -lt "$cpus" ]; then cpus=$SLURM_CPUS_ON_NODE; fi
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+    export OMP_NUM_THREADS=$(( cpus / ${PROCS_PER_NODE:-1} > 0 ? cpus / ${PROCS_PER_NODE:-1} : 1 ))
 fi
 # multi: $1 $2 $3 = python -m accelerate.commands.launch; each node adds its own rank
 [ "$mode" = multi ] && set -- "$1" "$2" "$3" --machine_rank "$node" "${@:4}"
-echo "[train.sh node $node/$NNODES] ${SLURMD_NODENAME:-$(hostname)}: machine rank $node, $PROCS_PER_NODE process(es), $mode launch"
+echo "[train.sh node $node/$NNODES] ${SLURMD_NODENAME:-$(hostname)}: machine rank $node, $PROCS_PER_NODE process(es), $mode launch, $cpus CPU(s)"
 relayed=0
 on_usr1() {
     if [ "$relayed" = 0 ]; then
@@ -159,13 +192,21 @@ done
 exit "$rc"
 '
 
-export PROCS_PER_NODE NNODES
+# train.py's main process writes its exit code here (accelerate launch would report 1 for a
+# usage error's 2). It runs on node 0, which is this batch host.
+DISTCIFAR_EXIT_CODE_FILE=$(mktemp "${TMPDIR:-/tmp}/distcifar-exit.XXXXXX") || fail "mktemp failed"
+trap 'rm -f "$DISTCIFAR_EXIT_CODE_FILE"' EXIT
+export PROCS_PER_NODE NNODES DISTCIFAR_EXIT_CODE_FILE
 LABEL=()
 [ "$NNODES" -gt 1 ] && LABEL=(--label)
+# Slurm 22.05-23.02: srun does not inherit sbatch's --cpus-per-task; without it each node's task
+# may be bound to one CPU
+SRUN_CPUS=()
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && SRUN_CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 if [ "$REQUEUE" = 1 ]; then
     RC=143  # SIGUSR1 before training started: just requeue
 else
-    srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${LABEL[@]}" \
+    srun --nodes="$NNODES" --ntasks-per-node=1 "${SRUN_CPUS[@]}" --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${LABEL[@]}" \
         bash -c "$NODE_SCRIPT" train-node "${CMD[@]}" &
     SRUN_PID=$!
     while :; do
@@ -175,16 +216,29 @@ else
         if [ "$RC" -gt 128 ]; then wait "$SRUN_PID" 2>/dev/null; R2=$?; [ "$R2" != 127 ] && RC=$R2; fi
         break
     done
+    if [ "$RC" != 0 ] && [ -s "$DISTCIFAR_EXIT_CODE_FILE" ]; then
+        RC=$(head -n1 "$DISTCIFAR_EXIT_CODE_FILE")
+    fi
 fi
+
+# Slurm's own requeue (PreemptMode=REQUEUE, scontrol requeue) counts the restart before this
+# attempt ends
+requeued_by_slurm() {
+    local n
+    n=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+    [ -n "$n" ] && [ "$n" -gt "$RESTART" ]
+}
 
 if [ "$RC" = 0 ]; then
     log "training finished (output in $OUTPUT_DIR)"
     exit 0
 fi
-if [ "$REQUEUE" = 1 ]; then
+if [ "$STOPPED" = 1 ] && requeued_by_slurm; then
+    log "training stopped (exit code $RC); Slurm is requeueing job $JOB: its next start resumes from $OUTPUT_DIR"
+elif [ "$REQUEUE" = 1 ]; then
     if [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
-        log "training stopped (exit code $RC) after SIGUSR1: requeueing job $SLURM_JOB_ID (restart $((RESTART + 1))/$MAX_RESTARTS)"
-        if scontrol requeue "$SLURM_JOB_ID"; then
+        log "training stopped (exit code $RC) after SIGUSR1: requeueing job $JOB (restart $((RESTART + 1))/$MAX_RESTARTS)"
+        if scontrol requeue "$JOB"; then
             exit 0
         fi
         log "ERROR: scontrol requeue failed; resubmit by hand to resume from $OUTPUT_DIR"
@@ -192,7 +246,7 @@ if [ "$REQUEUE" = 1 ]; then
         log "training stopped (exit code $RC); restart limit MAX_RESTARTS=$MAX_RESTARTS reached: not requeueing"
     fi
 elif [ "$STOPPED" = 1 ]; then
-    log "training stopped after SIGTERM (exit code $RC); not requeued. Resubmit to resume from $OUTPUT_DIR"
+    log "training stopped after SIGTERM (exit code $RC); not requeued. Resubmit to resume with OUTPUT_DIR=$OUTPUT_DIR"
 else
     log "training failed with exit code $RC (not requeued)"
 fi

@@ -8,7 +8,14 @@ pytest, 2 nodes x 1 CPU process, configs/smoke.yaml.
   (b) SIGUSR1 (`scancel --signal=USR1 --full`) mid-run: checkpoint, self-requeue, resume, finish;
       final weights bit-identical to (a)
   (c) a bad submission (unknown config key, missing data path) fails fast, error at the top
-      of the log, never requeued
+      of the log, never requeued, and the job's ExitCode is train.py's 2 (also through accelerate launch)
+  (d) a plain scancel (SIGTERM), and SIGUSR1 past MAX_RESTARTS: checkpoint, no requeue
+  (e) a 2-task array job (a seed sweep, --cpus-per-task=2): its own folder, value and both CPUs per
+      task; one task requeues itself alone after SIGUSR1, the other is requeued by Slurm (as under
+      PreemptMode=REQUEUE); both resume from their checkpoint and finish
+
+The test cluster has no accounting (sacct), so exit codes are read from `scontrol show job`, which
+reports the same ExitCode.
 """
 
 from __future__ import annotations
@@ -48,16 +55,18 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 def job_env(output_dir: Path) -> dict:
     # no SLURM_*/SBATCH_* from an enclosing job: they would change sbatch's options
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    # one thread per process: the emulated nodes share this machine's cores
     env.update(PYTHON=sys.executable, CONFIG="configs/smoke.yaml", OUTPUT_DIR=str(output_dir),
-               HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
 
 
-def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES, **env: str) -> str:
+def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES, sbatch: tuple[str, ...] = (),
+           **env: str) -> str:
     if "--data.path" not in args:
         args = ["--data.path", DATA, *args]
     out = subprocess.run(
-        ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", "slurm/train.sh", *args],
+        ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", *sbatch, "slurm/train.sh", *args],
         cwd=ROOT, env={**job_env(output_dir), **env}, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
@@ -65,12 +74,16 @@ def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES, **e
 
 
 def job_info(job: str) -> dict:
+    """`scontrol show job` of a job id, or of one array task as ARRAYID_TASKID."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, f"job {job} unknown to scontrol: {out.stderr}"
+    assert len(out.stdout.splitlines()) == 1, out.stdout
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
 def log_of(name: str, job: str) -> Path:
+    if "_" in job:  # an array task's log is named by its own job id
+        job = job_info(job)["JobId"]
     return ROOT / "logs" / f"{name}-{job}.out"
 
 
@@ -199,9 +212,65 @@ def test_bad_submission_fails_fast_without_requeue(tmp_path):
         info = wait_for(job, name, timeout=180)
         log = read_log(name, job)
         assert info["JobState"] == "FAILED", log[-3000:]
+        assert info["ExitCode"] == "2:0", log[-3000:]  # a usage error, not accelerate launch's 1
         assert info["Restarts"] == "0"
         head = log.splitlines()[:12]
         errors = [line for line in head if "error:" in line and cases[name][2] in line]
         assert errors, "no error line at the top of the log:\n" + "\n".join(head)
         assert "requeueing" not in log
     assert time.monotonic() - started < 120
+
+
+def test_exit_code_file_is_written_by_the_main_process_only(tmp_path):
+    # the hook slurm/train.sh reads; RANK 1 is a worker that is not the main process
+    for rank, expected in (("0", "2\n"), ("1", None)):
+        path = tmp_path / f"exit-{rank}"
+        env = {**os.environ, "DISTCIFAR_EXIT_CODE_FILE": str(path), "RANK": rank}
+        out = subprocess.run([sys.executable, "distcifar/train.py", "--train.no_such_key", "1"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert (path.read_text() if path.exists() else None) == expected
+
+
+def test_array_tasks_own_folders_and_requeue_alone(tmp_path):
+    name = f"distcifar-test-e-{SESSION}"
+    sweep = tmp_path / "sweep"
+    # SLURM_CPU_BIND=cores stands in for a cluster that binds tasks to cores (TaskPluginParam=Cores): without
+    # srun --cpus-per-task each task would be bound to 1 CPU. 3 epochs: task `other` is still training when
+    # task `own` has requeued itself.
+    array = submit(name, sweep, [*TRAIN_ARGS, "--train.epochs", "3"], nodes=1,
+                   sbatch=("--array=0-1", "--cpus-per-task=2"), SWEEP="train.seed=5,6", SLURM_CPU_BIND="cores")
+    tasks = {task: f"{array}_{task}" for task in (0, 1)}
+    try:
+        for task, spec in tasks.items():
+            wait_for_checkpoint(spec, name, sweep / str(task))
+        # the task that holds the array's own job id: a plain `scontrol requeue $SLURM_JOB_ID` there
+        # requeues every task of the array
+        own = next(task for task, spec in tasks.items() if job_info(spec)["JobId"] == array)
+        other = 1 - own
+        subprocess.run(["scancel", "--signal=USR1", "--full", tasks[own]], check=True, timeout=30)
+        deadline = time.monotonic() + 120
+        while job_info(tasks[own])["Restarts"] == "0":
+            assert time.monotonic() < deadline, read_log(name, tasks[own])[-4000:]
+            time.sleep(0.5)
+        info = job_info(tasks[other])
+        assert info["Restarts"] == "0", f"task {other} was requeued with task {own}"
+        assert info["JobState"] == "RUNNING", f"task {other} is {info['JobState']}: too late to requeue it mid-run"
+        subprocess.run(["scontrol", "requeue", tasks[other]], check=True, timeout=30)  # as PreemptMode=REQUEUE does
+        infos = {task: wait_for(spec, name, timeout=400) for task, spec in tasks.items()}
+    finally:
+        subprocess.run(["scancel", array], timeout=30)  # nothing of a failed test keeps running
+
+    for task, spec in tasks.items():
+        log = read_log(name, spec)
+        assert infos[task]["JobState"] == "COMPLETED" and infos[task]["Restarts"] == "1", log[-4000:]
+        # continued from the checkpoint written on the signal, not from step 0
+        stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
+        assert stopped, log[-4000:]
+        step = int(stopped.group(1))
+        assert re.search(rf"resumed from \S*step_{step:08d} at step {step}\b", log), log[-4000:]
+        assert f"{'requeueing job' if task == own else 'Slurm is requeueing job'} {spec}" in log, log[-4000:]
+        assert "1 process(es), single launch, 2 CPU(s)" in log, log[:3000]  # srun got --cpus-per-task
+        out = sweep / str(task)
+        assert json.loads((out / "config.json").read_text())["train"]["seed"] == 5 + task
+        assert json.loads((out / "summary.json").read_text())["global_step"] == 24
