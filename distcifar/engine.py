@@ -136,26 +136,26 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
         if logging_step:
             seconds = time.perf_counter() - window_started
             report.metrics = {
-                "epoch": state.step / steps_per_epoch,
-                "train_loss": accelerator.reduce(loss_sum, "mean").item() / window_steps,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "images_per_second": window_steps * cfg.train.batch_size / seconds,
-                "images_per_second_per_process": window_steps * cfg.train.batch_size / seconds / world,
+                "train/epoch": state.step / steps_per_epoch,
+                "train/loss": accelerator.reduce(loss_sum, "mean").item() / window_steps,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "train/images_per_second": window_steps * cfg.train.batch_size / seconds,
+                "train/images_per_second_per_process": window_steps * cfg.train.batch_size / seconds / world,
             }
-            if not math.isfinite(report.metrics["train_loss"]):  # the same value on every rank: all stop
+            if not math.isfinite(report.metrics["train/loss"]):  # the same value on every rank: all stop
                 raise TrainingDiverged(f"training diverged at step {state.step}: the train loss is "
-                                       f"{report.metrics['train_loss']}; {DIVERGED_HINT}")
+                                       f"{report.metrics['train/loss']}; {DIVERGED_HINT}")
             if world > 1:  # DDP keeps ranks identical; check it rather than assume it
                 checksum = sum(p.detach().double().sum() for p in model.parameters())
                 sums = accelerator.gather(checksum[None])
-                report.metrics["rank_weight_max_diff"] = (sums.max() - sums.min()).item()
+                report.metrics["train/rank_weight_max_diff"] = (sums.max() - sums.min()).item()
             tracker.log(report.metrics, step=state.step)
             loss_sum.zero_()
             window_steps, window_started = 0, time.perf_counter()
         if state.step % steps_per_epoch == 0:
-            tracker.log({"epoch_seconds": time.perf_counter() - epoch_started, "epoch": state.step / steps_per_epoch},
-                        step=state.step)
+            tracker.log({"train/epoch_seconds": time.perf_counter() - epoch_started,
+                         "train/epoch": state.step / steps_per_epoch}, step=state.step)
             epoch_started = time.perf_counter()
         if state.step % check_every == 0:
             signum, due = agree(accelerator, stop.signum if stop else 0, checkpoints.timer_expired())

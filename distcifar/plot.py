@@ -23,13 +23,15 @@ METRICS_FILE = "metrics.jsonl"
 CONFUSION_FILE = "confusion.json"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
+# metrics.jsonl of runs started before the keys were namespaced (a resumed one holds both)
+OLD_KEYS = {"train_loss": "train/loss", "lr": "train/lr", "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}
 
 
 def read_series(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
     """Each numeric metric in metrics.jsonl as (step, value) points in step order.
 
     A resumed run appends to the same file from its checkpoint's step on; its points replace
-    those the earlier attempt wrote from that step on.
+    those the earlier attempt wrote from that step on. Keys are the logged ones (`train/loss`, ...).
     """
     series: dict[str, list[tuple[int, float]]] = {}
     with open(metrics_path) as lines:
@@ -44,7 +46,7 @@ def read_series(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
             for key, value in row.items():
                 if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
-                points = series.setdefault(key, [])
+                points = series.setdefault(OLD_KEYS.get(key, key), [])
                 while points and points[-1][0] >= step:
                     points.pop()
                 points.append((step, value))
@@ -75,9 +77,9 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     loss_ax, accuracy_ax, lr_ax = fig.subplots(1, 3)
     panels = [
-        (loss_ax, "loss", [("train_loss", "train"), ("eval_loss", "eval")]),
-        (accuracy_ax, "accuracy", [("train_accuracy", "train"), ("eval_accuracy", "eval")]),
-        (lr_ax, "learning rate", [("lr", None)]),
+        (loss_ax, "loss", [("train/loss", "train"), ("eval/loss", "eval")]),
+        (accuracy_ax, "accuracy", [("train/accuracy", "train"), ("eval/accuracy", "eval")]),
+        (lr_ax, "learning rate", [("train/lr", None)]),
     ]
     for ax, quantity, lines in panels:
         for key, label in lines:
@@ -94,8 +96,8 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(quantity)
         ax.grid(alpha=0.3)
-    if "eval_accuracy" in series:
-        best_step, best = max(series["eval_accuracy"], key=lambda point: point[1])
+    if "eval/accuracy" in series:
+        best_step, best = max(series["eval/accuracy"], key=lambda point: point[1])
         accuracy_ax.set_title(f"accuracy (best eval {best:.4g} at step {best_step})")
     _save(fig, path)
 

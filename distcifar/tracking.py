@@ -1,6 +1,8 @@
 """Experiment tracking: W&B or TensorBoard through Accelerate, plus files in the output folder.
 
-Only the main process tracks; on other ranks every Tracker method returns at once. Whatever
+Only the main process tracks; on other ranks every Tracker method returns at once. Every logged
+row carries the optimizer step as `step`, and its metrics are named `train/...`, `eval/...` or
+`experts/...`, the same in metrics.jsonl, W&B and TensorBoard. Whatever
 the tracker (also none), the main process appends each logged row to OUTPUT_DIR/metrics.jsonl,
 keeps the latest confusion matrix in OUTPUT_DIR/confusion.json and, with tracking.plots,
 redraws OUTPUT_DIR/curves.png and confusion.png after each evaluation (in a background
@@ -27,6 +29,8 @@ from distcifar.config import Config, TrackingConfig, flatten
 from distcifar.data import CLASSES, normalize
 
 WANDB_HINT = "run `wandb login`, or set WANDB_API_KEY, or set WANDB_MODE=offline (and `wandb sync` later)"
+STEP_KEY = "step"  # the global optimizer step, in every logged row: the x axis of every W&B chart
+RUN_ID_FILE = "tracker_run_id"  # in OUTPUT_DIR: the W&B run id, written at start, before any checkpoint holds it
 
 
 def _has_wandb_credentials() -> bool:
@@ -61,6 +65,20 @@ def _git_commit() -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+def _read_run_id(path: Path) -> str | None:
+    try:
+        run_id = path.read_text().strip()
+    except OSError:
+        return None
+    return run_id if run_id and all(c.isalnum() or c in "-_" for c in run_id) else None
+
+
+def _write_run_id(path: Path, run_id: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(run_id + "\n")
+    os.replace(temporary, path)  # a kill mid-write leaves the old file whole
+
+
 def class_names(num_classes: int) -> list[str]:
     return list(CLASSES) if num_classes == len(CLASSES) else [f"class{i}" for i in range(num_classes)]
 
@@ -70,10 +88,9 @@ class Tracker:
         self.accelerator = accelerator
         self.cfg = cfg
         self.output_dir = Path(output_dir)
-        # train.py stores the id in checkpoints to resume the W&B run; WANDB_RUN_ID names a new run's id
-        self.run_id = run_id or os.environ.get("WANDB_RUN_ID") or _new_run_id()
         self.report_to = report_to(cfg.tracking)
         self.is_main = accelerator.is_main_process
+        self.run_id = self._pick_run_id(run_id)
         self._wandb_run = None  # the wandb Run while W&B is on
         self._plotter: subprocess.Popen | None = None  # the background redraw of the PNGs
         self._plots_outdated = False  # rows were logged after the last redraw started
@@ -84,6 +101,31 @@ class Tracker:
         self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")
         if self.report_to != "none":
             self._start(hardware)
+
+    def _pick_run_id(self, checkpoint_id: str | None) -> str:
+        """The id of the checkpoint this run resumed from (train.py stores it in every checkpoint), else
+        the id an earlier attempt in OUTPUT_DIR chose (OUTPUT_DIR/tracker_run_id; a run killed before
+        its first checkpoint thus continues its W&B run, unless --resume never or
+        --checkpoint.weights_only start a new run), else WANDB_RUN_ID, else a new id.
+
+        The folder's id beats WANDB_RUN_ID as the checkpoint's does: both mean this run continues one.
+        With W&B on, the main process writes the choice to OUTPUT_DIR/tracker_run_id at once; only
+        the main process's id is used.
+        """
+        env_id = os.environ.get("WANDB_RUN_ID")
+        if not self.is_main:
+            return checkpoint_id or env_id or _new_run_id()
+        path = self.output_dir / RUN_ID_FILE
+        continues = self.cfg.resume != "never" and not self.cfg.checkpoint.weights_only
+        folder_id = _read_run_id(path) if continues and not checkpoint_id else None
+        run_id = checkpoint_id or folder_id or env_id or _new_run_id()
+        if self.report_to == "wandb":
+            if env_id and env_id != run_id:
+                print(f"[tracking] continuing W&B run {run_id} of {self.output_dir}; WANDB_RUN_ID={env_id} is not "
+                      "used (--resume never starts a new run)", file=sys.stderr, flush=True)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _write_run_id(path, run_id)
+        return run_id
 
     def _start(self, hardware: dict) -> None:
         tracking = self.cfg.tracking
@@ -117,6 +159,11 @@ class Tracker:
             return
         if self.report_to == "wandb":
             self._wandb_run = self.accelerator.get_tracker("wandb", unwrap=True)
+            # Charts against the optimizer step; the run table shows the best eval accuracy and loss.
+            self._wandb_run.define_metric(STEP_KEY)
+            self._wandb_run.define_metric("*", step_metric=STEP_KEY, step_sync=True)
+            self._wandb_run.define_metric("eval/accuracy", step_metric=STEP_KEY, summary="max")
+            self._wandb_run.define_metric("eval/loss", step_metric=STEP_KEY, summary="min")
 
     def log(self, metrics: dict, step: int) -> None:
         """Log plain numbers/strings at the global optimizer step (W&B drops steps that go backwards)."""
@@ -124,10 +171,11 @@ class Tracker:
             return
         # JSON has no NaN or infinity: such a value (a diverged loss, say) is written as null
         row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
-        self._metrics_file.write(json.dumps({"step": step, **row}) + "\n")
+        self._metrics_file.write(json.dumps({STEP_KEY: step, **row}) + "\n")
         self._metrics_file.flush()
         self._plots_outdated = True
-        self.accelerator.log(metrics, step=step)
+        # TensorBoard keeps the step as each scalar's own step; W&B charts against the `step` metric
+        self.accelerator.log({STEP_KEY: step, **metrics} if self._wandb_run is not None else metrics, step=step)
 
     def log_eval(self, result: dict, step: int, model, sample_images: torch.Tensor, sample_labels: torch.Tensor) -> None:
         """Log an evaluation; `model` is the unwrapped network (a forward on one DDP rank would hang)."""
@@ -136,7 +184,8 @@ class Tracker:
         names = class_names(len(result["per_class_accuracy"]))
         predictions, expert_weights = _predict(model, sample_images)
 
-        scalars = {key: result[key] for key in ("epoch", "eval_accuracy", "eval_loss", "eval_samples")}
+        scalars = {"train/epoch": result["epoch"], "eval/accuracy": result["eval_accuracy"],
+                   "eval/loss": result["eval_loss"], "eval/num_samples": result["eval_samples"]}
         for name, accuracy in zip(names, result["per_class_accuracy"]):
             scalars[f"eval/class_acc/{name}"] = accuracy
         for block, weights in enumerate(expert_weights):

@@ -170,7 +170,7 @@ def _assert_same_run(straight, resumed):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
-    evals = lambda out: [(m["step"], m["eval_accuracy"], m["eval_loss"]) for m in read_metrics(out) if "eval_accuracy" in m]  # noqa: E731
+    evals = lambda out: [(m["step"], m["eval/accuracy"], m["eval/loss"]) for m in read_metrics(out) if "eval/accuracy" in m]  # noqa: E731
     assert evals(resumed)[-1] == evals(straight)[-1]
     summary = lambda out: json.loads((out / "summary.json").read_text())  # noqa: E731
     assert summary(resumed)["test_accuracy"] == summary(straight)["test_accuracy"]
@@ -196,9 +196,9 @@ def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, e
     result = run(launch_command(processes) + train_args(resumed, synthetic_data, *args))
     # from the mid-epoch checkpoint (step 5 of 8 in epoch 1), not an epoch end and not from scratch
     assert f"resumed from {resumed / 'checkpoints' / 'step_00000005'} at step 5" in result.stdout
-    assert [m["step"] for m in read_metrics(resumed) if "train_loss" in m][-11:] == list(range(6, 17))
+    assert [m["step"] for m in read_metrics(resumed) if "train/loss" in m][-11:] == list(range(6, 17))
     _assert_same_run(straight, resumed)
-    steps = [m["step"] for m in read_metrics(resumed) if "train_loss" in m]
+    steps = [m["step"] for m in read_metrics(resumed) if "train/loss" in m]
     assert steps[-1] == 16
 
 
@@ -210,7 +210,7 @@ def test_resume_on_a_different_number_of_processes(tmp_path, synthetic_data):
     assert "resumed from" in result.stdout and "1 process(es)" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 16 and summary["num_processes"] == 1
-    train_steps = [m["step"] for m in read_metrics(out) if "train_loss" in m]
+    train_steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
     assert train_steps[-11:] == list(range(6, 17))  # continued from the sample position of step 5
 
 

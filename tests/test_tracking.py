@@ -8,6 +8,9 @@ Python reader for it any more, so `support.read_wandb_records` decodes the frami
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,8 +26,8 @@ from accelerate.state import AcceleratorState
 from distcifar import plot
 from distcifar.config import Config, ModelConfig, TrackingConfig
 from distcifar.model import DistCifarNet
-from distcifar.tracking import Tracker, report_to
-from support import read_metrics, read_wandb_records
+from distcifar.tracking import RUN_ID_FILE, Tracker, report_to
+from support import kill_tree, launch_command, read_metrics, read_wandb_records, run, train_args, write_parquet_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HARDWARE = {"device": "cpu", "num_processes": 1, "mixed_precision": "no"}
@@ -37,9 +40,22 @@ def _item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(run_file: Path) -> dict:
-    """The run id, history rows by step, summary updates, config keys and exit code of one offline run."""
-    run = {"id": None, "init": {}, "history": {}, "summary": {}, "config": set(), "exit_code": None}
+def read_offline_run(run_file: Path, wait_s: float = 0.0) -> dict:
+    """The run id, history rows by step, summary updates, config keys, metric definitions (by name or
+    glob) and exit code of one offline run; waits up to wait_s for its exit record (see offline_runs)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = _read_offline_run(run_file)
+        except DecodeError:  # a record cut off mid-write
+            run = {"exit_code": None}
+        if run["exit_code"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.1)
+
+
+def _read_offline_run(run_file: Path) -> dict:
+    run = {"id": None, "init": {}, "history": {}, "summary": {}, "config": set(), "metrics": {}, "exit_code": None}
     for record in read_wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -53,6 +69,8 @@ def read_offline_run(run_file: Path) -> dict:
             run["summary"].update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
         elif kind == "config":
             run["config"].update(_item_key(item) for item in record.config.update)
+        elif kind == "metric":
+            run["metrics"][record.metric.name or record.metric.glob_name] = record.metric
         elif kind == "exit":
             run["exit_code"] = record.exit.exit_code
     return run
@@ -124,8 +142,8 @@ def make_tracker(cfg: Config, output_dir: Path, run_id: str | None = None) -> Tr
 def train_and_evaluate(tracker: Tracker, model: DistCifarNet, steps: list[int], epoch: int) -> None:
     """Log train metrics at `steps`, then an evaluation at the last of them."""
     for step in steps:
-        tracker.log({"epoch": epoch, "train_loss": 2.0 / step ** 0.5, "lr": 0.1, "grad_norm": 1.5,
-                     "images_per_second": 1000.0, "images_per_second_per_process": 1000.0}, step)
+        tracker.log({"train/epoch": epoch, "train/loss": 2.0 / step ** 0.5, "train/lr": 0.1, "train/grad_norm": 1.5,
+                     "train/images_per_second": 1000.0, "train/images_per_second_per_process": 1000.0}, step)
     generator = torch.Generator().manual_seed(epoch)
     confusion = (torch.eye(10, dtype=torch.long) * 50 * epoch + torch.randint(0, 10, (10, 10), generator=generator)).tolist()
     correct = sum(confusion[i][i] for i in range(10))
@@ -167,10 +185,11 @@ def test_offline_wandb_run_holds_history_summary_and_id(tmp_path, offline_wandb,
     assert run["id"] == "given0id"
     assert set(run["history"]) == {10, 20}
     for step in (10, 20):
-        assert {"train_loss", "lr", "grad_norm", "epoch"} <= set(run["history"][step])
+        assert run["history"][step]["step"] == step
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/epoch"} <= set(run["history"][step])
     evaluation = run["history"][20]
-    assert 0 < evaluation["eval_accuracy"] <= 1
-    assert {"eval_loss", "eval_samples", "eval/class_acc/cat", "experts/block1/conv0", "experts/block1/conv1"} <= set(evaluation)
+    assert 0 < evaluation["eval/accuracy"] <= 1
+    assert {"eval/loss", "eval/num_samples", "eval/class_acc/cat", "experts/block1/conv0", "experts/block1/conv1"} <= set(evaluation)
     assert evaluation["experts/block0/conv0"] == pytest.approx(1.0)  # a one-conv block: softmax over one
     assert evaluation["experts/block1/conv0"] + evaluation["experts/block1/conv1"] == pytest.approx(1.0)
     # Media are nested values; read_offline_run joins their keys with "/".
@@ -184,9 +203,37 @@ def test_offline_wandb_run_holds_history_summary_and_id(tmp_path, offline_wandb,
 
     rows = read_metrics(output_dir)
     assert [row["step"] for row in rows] == [10, 20, 20]
-    assert rows[-1]["eval_accuracy"] == evaluation["eval_accuracy"]
+    assert rows[-1]["eval/accuracy"] == evaluation["eval/accuracy"]
+    # metrics.jsonl and W&B hold the same keys and numbers; W&B adds only its own (_step, ...) and the media
+    for step in (10, 20):
+        logged = {key: value for row in rows if row["step"] == step for key, value in row.items()}
+        scalars = {key: value for key, value in run["history"][step].items()
+                   if not key.startswith("_") and not re.match(r"(eval/samples|eval/confusion_matrix\w*|experts/block\d+/weights)/", key)}
+        assert scalars == logged
     confusion = json.loads((output_dir / "confusion.json").read_text())
     assert confusion["step"] == 20 and confusion["classes"][3] == "cat"
+
+
+def test_wandb_charts_against_the_step_and_keeps_the_best_eval_accuracy(tmp_path, offline_wandb, model):
+    output_dir = tmp_path / "run"
+    tracker = make_tracker(make_config("wandb", plots=False), output_dir)
+    train_and_evaluate(tracker, model, steps=[10, 20], epoch=3)
+    train_and_evaluate(tracker, model, steps=[30, 40], epoch=1)  # a worse second evaluation
+    tracker.finish()
+
+    (run,) = offline_runs(output_dir, count=1)
+    metrics = run["metrics"]
+    assert metrics["step"].step_metric == ""  # the x axis itself
+    assert metrics["*"].step_metric == "step"  # every other key is charted against it
+    assert metrics["eval/accuracy"].step_metric == "step" and metrics["eval/accuracy"].summary.max
+    assert metrics["eval/loss"].step_metric == "step" and metrics["eval/loss"].summary.min
+    accuracies = [run["history"][step]["eval/accuracy"] for step in (20, 40)]
+    losses = [run["history"][step]["eval/loss"] for step in (20, 40)]
+    assert accuracies[0] > accuracies[1] and losses[0] < losses[1]
+    assert run["summary"]["eval/accuracy"] == {"max": accuracies[0]}
+    assert run["summary"]["eval/loss"] == {"min": losses[0]}
+    assert run["summary"]["train/loss"] == run["history"][40]["train/loss"]  # the last value, as by default
+    assert all(run["history"][step]["step"] == step for step in (10, 20, 30, 40))
 
 
 def test_resumed_run_keeps_the_id_and_steps_continue(tmp_path, offline_wandb, model):
@@ -207,6 +254,105 @@ def test_resumed_run_keeps_the_id_and_steps_continue(tmp_path, offline_wandb, mo
     assert sorted(before["history"]) == [10, 20] and sorted(after["history"]) == [30, 40]
     assert (before["exit_code"], after["exit_code"]) == (1, 0)
     assert [row["step"] for row in read_metrics(output_dir)] == [10, 20, 20, 30, 40, 40]
+
+
+def test_the_run_id_is_kept_in_the_output_folder_from_the_start(tmp_path, offline_wandb, model, monkeypatch, capsys):
+    output_dir, id_file = tmp_path / "run", tmp_path / "run" / RUN_ID_FILE
+
+    def started(cfg: Config, run_id: str | None = None) -> str:
+        tracker = make_tracker(cfg, output_dir, run_id)
+        tracker.finish()
+        return tracker.run_id
+
+    started(make_config("none", plots=False))
+    assert not id_file.exists()  # only W&B runs have ids to keep
+    cfg = make_config("wandb", plots=False)
+    first = make_tracker(cfg, output_dir)  # a new run: a new id, in the folder before any step
+    assert id_file.read_text().strip() == first.run_id
+    first.finish()
+    assert started(cfg) == first.run_id  # no checkpoint yet: the folder's id
+
+    # the folder's id beats WANDB_RUN_ID (both stand for "continue"), with one line saying so
+    monkeypatch.setenv("WANDB_RUN_ID", "envid0001")
+    capsys.readouterr()
+    second = make_tracker(cfg, output_dir)
+    assert second.run_id == first.run_id
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and f"continuing W&B run {first.run_id}" in warning[0] and "WANDB_RUN_ID=envid0001" in warning[0]
+    train_and_evaluate(second, model, steps=[1], epoch=1)
+    second.finish()
+    assert {run["id"] for run in offline_runs(output_dir, count=3)} == {first.run_id}
+
+    assert started(cfg, run_id="ckpt0001") == "ckpt0001"  # a checkpoint's id beats both
+    assert id_file.read_text().strip() == "ckpt0001"
+    cfg.resume = "never"  # a new run: WANDB_RUN_ID, or a new id
+    assert started(cfg) == "envid0001" and id_file.read_text().strip() == "envid0001"
+    monkeypatch.delenv("WANDB_RUN_ID")
+    cfg.resume, cfg.checkpoint.weights_only = "auto", True  # weights only: a new run too
+    fresh = started(cfg)
+    assert fresh not in ("envid0001", "ckpt0001") and id_file.read_text().strip() == fresh
+    cfg.checkpoint.weights_only = False
+    for damaged in ("", "a/b c\n"):  # an empty or damaged file is ignored
+        id_file.write_text(damaged)
+        assert started(cfg) not in (damaged, damaged.strip(), fresh)
+
+
+def _run_records(run_file: Path) -> list:
+    """The records of a run file that may end in a record cut off by a kill."""
+    try:
+        return read_wandb_records(run_file)
+    except DecodeError:
+        return []
+
+
+def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_run(tmp_path, offline_wandb, monkeypatch):
+    # one epoch of 1024 images in batches of 8: the first checkpoint is due at step 128, the run's end
+    data = write_parquet_dataset(tmp_path / "data", train_rows=1024)
+    out = tmp_path / "run"
+    command = launch_command(1, launcher="python") + train_args(
+        out, data, "--tracking.report_to", "wandb", "--train.epochs", "1", "--train.batch_size", "8")
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # a step is logged
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no step logged in time"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGSTOP)  # train.py holds still; wandb-core goes on writing its file
+    assert not list(out.glob("checkpoints/step_*")), "stopped too late: a checkpoint was saved"
+    while not any(record.WhichOneof("record_type") == "run"
+                  for path in out.glob("wandb/offline-run-*/run-*.wandb") for record in _run_records(path)):
+        assert time.monotonic() < deadline, "no W&B run record in time"
+        time.sleep(0.05)
+    kill_tree(process.pid, signal.SIGKILL)  # train.py and wandb-core
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL and not list(out.glob("checkpoints/step_*"))
+    (killed_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+
+    result = run(command)  # the same command again: no checkpoint to resume from
+    assert "resumed" not in result.stdout
+    run_id = json.loads((out / "summary.json").read_text())["tracker_run_id"]
+    assert (out / RUN_ID_FILE).read_text().strip() == run_id
+    killed = [record.run.run_id for record in _run_records(killed_file) if record.WhichOneof("record_type") == "run"]
+    assert killed == [run_id]
+    assert sorted(path.name for path in out.glob("wandb/offline-run-*/run-*.wandb")) == [f"run-{run_id}.wandb"] * 2
+    (finished_file,) = set(out.glob("wandb/offline-run-*/run-*.wandb")) - {killed_file}
+    finished = read_offline_run(finished_file, wait_s=20)
+    assert finished["id"] == run_id and finished["exit_code"] == 0
+
+    # train.py's rows are namespaced alike in W&B and metrics.jsonl, and the plots find them
+    assert {"step", "train/epoch", "train/loss", "train/lr", "train/grad_norm", "train/images_per_second"} <= set(finished["history"][10])
+    evaluation = finished["history"][128]
+    assert {"eval/accuracy", "eval/loss", "eval/num_samples", "eval/class_acc/cat", "train/epoch_seconds"} <= set(evaluation)
+    assert evaluation["eval/num_samples"] == 101
+    assert finished["summary"]["eval/accuracy"] == {"max": evaluation["eval/accuracy"]}
+    drawn = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
+    plot.redraw(out)
+    loss_ax, accuracy_ax, lr_ax = drawn[plot.CURVES_PNG].axes[:3]
+    assert sorted(line.get_label() for line in loss_ax.lines) == ["eval", "train"]
+    assert [line.get_label() for line in accuracy_ax.lines] == ["eval"] and len(lr_ax.lines) == 1
+    assert len(lr_ax.lines[0].get_xydata()) == 128  # steps 1-128, the killed attempt's replaced
 
 
 def test_report_to_none_writes_metrics_but_no_wandb_files(tmp_path, model):
@@ -273,9 +419,18 @@ def test_plots_are_images_and_follow_training(tmp_path, model):
 
 def test_read_series_lets_a_resumed_run_replace_the_old_tail(tmp_path):
     rows = [(10, 3.0), (20, 2.0), (30, 1.0), (20, 2.5), (30, 1.5), (40, 1.2)]  # resumed from step 10
-    lines = [json.dumps({"step": step, "train_loss": loss}) for step, loss in rows]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 50, "train_lo')  # half-written line
-    assert plot.read_series(tmp_path / "metrics.jsonl")["train_loss"] == [(10, 3.0), (20, 2.5), (30, 1.5), (40, 1.2)]
+    lines = [json.dumps({"step": step, "train/loss": loss}) for step, loss in rows]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 50, "train/lo')  # half-written line
+    assert plot.read_series(tmp_path / "metrics.jsonl")["train/loss"] == [(10, 3.0), (20, 2.5), (30, 1.5), (40, 1.2)]
+    # a run started before the keys were namespaced, resumed from step 10 by this version
+    old = [{"step": 10, "train_loss": 3.0, "lr": 0.1}, {"step": 20, "train_loss": 2.0, "lr": 0.1},
+           {"step": 20, "eval_accuracy": 0.5, "eval_loss": 1.5}, {"step": 20, "train/loss": 2.5, "train/lr": 0.2},
+           {"step": 20, "eval/accuracy": 0.6, "eval/loss": 1.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in old))
+    series = plot.read_series(tmp_path / "metrics.jsonl")
+    assert set(series) == {"train/loss", "train/lr", "eval/accuracy", "eval/loss"}
+    assert series["train/loss"] == [(10, 3.0), (20, 2.5)] and series["train/lr"] == [(10, 0.1), (20, 0.2)]
+    assert series["eval/accuracy"] == [(20, 0.6)] and series["eval/loss"] == [(20, 1.4)]
 
 
 def run_plot_cli(*args: str) -> subprocess.CompletedProcess:
@@ -287,8 +442,8 @@ def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     (output_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": step, "train_loss": 1 / step, "lr": 0.1}) + "\n" for step in range(1, 20))
-        + json.dumps({"step": 19, "eval_accuracy": 0.4, "eval_loss": 1.2}) + "\n"
+        "".join(json.dumps({"step": step, "train/loss": 1 / step, "train/lr": 0.1}) + "\n" for step in range(1, 20))
+        + json.dumps({"step": 19, "eval/accuracy": 0.4, "eval/loss": 1.2}) + "\n"
     )
     plot.write_confusion(output_dir, [[5, 1], [2, 7]], ["cat", "dog"], step=19, epoch=1, split="val")
 
@@ -306,9 +461,9 @@ def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
 def test_plots_draw_the_logged_numbers(tmp_path, monkeypatch):
     drawn = {}
     monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
-    rows = [{"step": 10, "train_loss": 2.0, "lr": 0.1}, {"step": 20, "train_loss": 1.5, "lr": 0.05},
-            {"step": 20, "eval_loss": 1.7, "eval_accuracy": 0.4}, {"step": 30, "train_loss": 1.0, "lr": 0.01},
-            {"step": 30, "eval_loss": 1.2, "eval_accuracy": 0.6}]
+    rows = [{"step": 10, "train/loss": 2.0, "train/lr": 0.1}, {"step": 20, "train/loss": 1.5, "train/lr": 0.05},
+            {"step": 20, "eval/loss": 1.7, "eval/accuracy": 0.4}, {"step": 30, "train/loss": 1.0, "train/lr": 0.01},
+            {"step": 30, "eval/loss": 1.2, "eval/accuracy": 0.6}]
     (tmp_path / plot.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     confusion = [[3, 1], [0, 4]]
     plot.write_confusion(tmp_path, confusion, ["cat", "dog"], step=30, epoch=2, split="test")

@@ -24,13 +24,13 @@ def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["eval_samples"] == 101 and summary["global_step"] == 24 and summary["num_processes"] == 1
-    losses = [m["train_loss"] for m in read_metrics(out) if "train_loss" in m]
+    losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
     assert len(losses) == 24
     # the rate each step used: a 4-step warm-up to 0.003 (8 steps per epoch x 0.5), then cosine over 20 steps
-    lrs = [m["lr"] for m in read_metrics(out) if "lr" in m]
+    lrs = [m["train/lr"] for m in read_metrics(out) if "train/lr" in m]
     assert lrs[:6] == pytest.approx([0.00075, 0.0015, 0.00225, 0.003, 0.003, 0.003 * (1 + math.cos(math.pi / 20)) / 2])
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
-    evals = [m for m in read_metrics(out) if "eval_accuracy" in m]
+    evals = [m for m in read_metrics(out) if "eval/accuracy" in m]
     assert [m["step"] for m in evals] == [8, 16, 24]
     assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == 32
 
@@ -44,7 +44,7 @@ def test_same_seed_same_result_bit_for_bit(tmp_path, synthetic_data):
     (weights_a, metrics_a), (weights_b, metrics_b) = finals
     assert weights_a.keys() == weights_b.keys()
     assert all((weights_a[k] == weights_b[k]).all() for k in weights_a)
-    timing = {"images_per_second", "images_per_second_per_process", "epoch_seconds"}
+    timing = {"train/images_per_second", "train/images_per_second_per_process", "train/epoch_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(metrics_a) == strip(metrics_b)
 
@@ -66,9 +66,9 @@ def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
     assert summary["eval_samples"] == 2000 and summary["global_step"] == 117
     # chance is 0.10 and colour statistics alone reach about 0.2; this run reaches about 0.39-0.42
     assert summary["test_accuracy"] > 0.33, summary
-    evals = [m["eval_accuracy"] for m in read_metrics(out) if "eval_accuracy" in m]
+    evals = [m["eval/accuracy"] for m in read_metrics(out) if "eval/accuracy" in m]
     assert evals == sorted(evals) and evals[-1] > evals[0] + 0.1
-    losses = [m["train_loss"] for m in read_metrics(out) if "train_loss" in m]
+    losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
 
 
@@ -114,19 +114,19 @@ def test_resume_finished_part_then_never_then_an_older_path(tmp_path, synthetic_
     result = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, *args))
     assert f"resumed from {out / 'checkpoints' / 'step_00000004'} at step 4" in result.stdout
     assert _checkpoint_steps(out) == [3, 4, 6, 8, 9, 12, 15, 16]  # every 3 steps and each epoch end (8, 16)
-    steps = [m["step"] for m in read_metrics(out) if "train_loss" in m]
+    steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
     assert steps == [1, 2, 3, 4, *range(5, 17)]
     # --resume PATH: an older checkpoint, into a new folder
     older = out / "checkpoints" / "step_00000009"
     other = tmp_path / "from9"
     result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(older)))
     assert f"resumed from {older} at step 9" in result.stdout
-    assert [m["step"] for m in read_metrics(other) if "train_loss" in m] == list(range(10, 17))
+    assert [m["step"] for m in read_metrics(other) if "train/loss" in m] == list(range(10, 17))
     # --resume never: from scratch although checkpoints are there
     result = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--resume", "never"))
     assert "resumed" not in result.stdout
     assert json.loads((out / "summary.json").read_text())["global_step"] == 16
-    assert [m["step"] for m in read_metrics(out) if "train_loss" in m][-16:] == list(range(1, 17))
+    assert [m["step"] for m in read_metrics(out) if "train/loss" in m][-16:] == list(range(1, 17))
     # a folder that is not there is a usage error
     result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(tmp_path / "nope")),
                  check=False)
@@ -144,11 +144,11 @@ def test_weights_only_starts_a_new_schedule_from_the_weights(tmp_path, synthetic
     result = run(launch_command(1, launcher="python") + train_args(second, synthetic_data, *changed,
                                                                     "--checkpoint.weights_only", "true"))
     assert f"resumed from {source} at step 8 (weights only)" in result.stdout
-    losses = {m["step"]: m["train_loss"] for m in read_metrics(second) if "train_loss" in m}
+    losses = {m["step"]: m["train/loss"] for m in read_metrics(second) if "train/loss" in m}
     assert sorted(losses) == list(range(1, 9))  # 128 images / 32 = 4 steps per epoch, 2 epochs
     fresh = tmp_path / "fresh"
     run(launch_command(1, launcher="python") + train_args(fresh, synthetic_data, "--data.train_limit", "128"))
-    fresh_losses = {m["step"]: m["train_loss"] for m in read_metrics(fresh) if "train_loss" in m}
+    fresh_losses = {m["step"]: m["train/loss"] for m in read_metrics(fresh) if "train/loss" in m}
     assert losses[1] < 0.8 * fresh_losses[1]  # the first step already has trained weights
 
 
@@ -164,7 +164,7 @@ def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, sy
     assert summary["eval_split"] == "validation" and summary["eval_samples"] == 56
     # every_minutes: the timer is due at every step here, so every step was saved before pruning
     # keep 1 + keep_best: the newest, and the best by eval accuracy (the newest of equals)
-    evals = [(m["eval_accuracy"], m["step"]) for m in read_metrics(out) if "eval_accuracy" in m]
+    evals = [(m["eval/accuracy"], m["step"]) for m in read_metrics(out) if "eval/accuracy" in m]
     best_step = max(evals)[1]
     assert _checkpoint_steps(out) == sorted({best_step, 18})
     # tensorboard: real event files with the logged scalars
@@ -172,8 +172,8 @@ def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, sy
 
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
     events.Reload()
-    assert {"train_loss", "eval_accuracy", "lr"} <= set(events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("train_loss")] == list(range(1, 19))
+    assert {"train/loss", "eval/accuracy", "train/lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 19))
 
 
 def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
@@ -183,7 +183,7 @@ def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
                                                           "--train.epochs", "6", "--model.dropout", "0.0"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.95, summary  # chance: 0.1; one class answered for all: about 0.1
-    losses = [m["train_loss"] for m in read_metrics(out) if "train_loss" in m]
+    losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
 
 
