@@ -11,13 +11,12 @@ data-loader state.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +51,16 @@ class Split:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    import huggingface_hub.constants
+    """Whether the hub answers, asked through huggingface_hub's own HTTP client, so that HTTPS_PROXY,
+    HTTP_PROXY, NO_PROXY and HF_ENDPOINT count exactly as they will for the download itself."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
-    url = urlparse(huggingface_hub.constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
+        response = get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any transport failure (DNS, refused, proxy, TLS, timeout) means: not reachable
         return False
+    return response.status_code < 500 and response.status_code != 407  # 407: the proxy wants credentials
 
 
 @contextlib.contextmanager
@@ -135,14 +136,33 @@ def _decode(ds, split_name: str, num_classes: int) -> Split:
 
 
 def _cache_root(cfg: DataConfig) -> Path:
+    """--data.cache_dir, else $DISTCIFAR_CACHE, else $XDG_CACHE_HOME/distcifar, else ~/.cache/distcifar."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("DISTCIFAR_CACHE", Path.home() / ".cache" / "distcifar"))
+    if os.environ.get("DISTCIFAR_CACHE"):
+        return Path(os.environ["DISTCIFAR_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "distcifar"
+
+
+def _cache_key(ds, num_classes: int) -> str | None:
+    """A key that changes whenever the split's data does: its Arrow files (path, size, modification time),
+    as `datasets` lists them publicly in `ds.cache_files`. None for an in-memory dataset (no files)."""
+    files = [entry["filename"] for entry in ds.cache_files]
+    if not files:
+        return None
+    digest = hashlib.sha256(f"distcifar decoded v1, {num_classes} classes, {len(ds)} rows\n".encode())
+    for name in files:
+        stat = os.stat(name)
+        digest.update(f"{os.path.abspath(name)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
 
 
 def decoded_split(ds, split_name: str, cfg: DataConfig, num_classes: int) -> Split:
-    """Decode a split once and cache it as safetensors keyed by the dataset's fingerprint."""
-    cache = _cache_root(cfg) / f"{ds._fingerprint}.safetensors"
+    """Decode a split once and cache it as safetensors, keyed by the dataset's files (see _cache_key)."""
+    key = _cache_key(ds, num_classes)
+    if key is None:
+        return _decode(ds, split_name, num_classes)
+    cache = _cache_root(cfg) / f"{split_name}-{key}.safetensors"
     if cache.exists():
         tensors = load_file(cache)
         return Split(tensors["images"], tensors["labels"])

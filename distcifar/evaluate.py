@@ -2,6 +2,7 @@
 
     accelerate launch distcifar/evaluate.py runs/x/checkpoints/step_00000480 [--output eval.json]
     python -m distcifar.evaluate runs/x/final --data.path ../shared/data/cifar10
+    python -m distcifar.evaluate owner/name --data.path ../shared/data/cifar10   # an export on the hub
 
 Prints accuracy, loss, per-class accuracy and the confusion matrix as a table, and as JSON to --output.
 Other options are config overrides (--data.path, --data.eval_limit, --train.eval_batch_size ...).
@@ -24,11 +25,13 @@ from distcifar.data import CLASSES, load_splits
 from distcifar.engine import build, evaluate
 from distcifar.model import DistCifarNet
 from distcifar.cli import entry_point
-from distcifar.runtime import build_accelerator
+from distcifar.runtime import build_accelerator, leave
 
 
 def load_model(path: Path) -> DistCifarNet:
-    """A DistCifarNet from a training checkpoint (step_* folder) or an export (final/)."""
+    """A DistCifarNet from a training checkpoint (step_* folder), an export (final/) or a hub repository id."""
+    if not path.exists() and _is_repo_id(str(path)):
+        return load_model(_hub_snapshot(str(path)))
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder (give a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)")
     if (path / "manifest.json").exists():
@@ -39,6 +42,39 @@ def load_model(path: Path) -> DistCifarNet:
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return DistCifarNet.from_pretrained(path)
     raise CheckpointError(f"{path}: neither a checkpoint (manifest.json) nor an export (model.safetensors + config.json)")
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local folder of the hub export `repo_id` (downloaded, or from the HF cache: offline with HF_HUB_OFFLINE=1).
+
+    Only config.json and model.safetensors are fetched, and the export is then read like a local one, so a
+    repository holding pickled weights instead is refused rather than unpickled."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        files = [hf_hub_download(repo_id, name) for name in ("config.json", "model.safetensors")]
+    except LocalEntryNotFoundError:
+        why = "the hub cannot be reached (or HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache"
+    except RepositoryNotFoundError:
+        why = "the hub has no such model repository (or it is private and no token was given)"
+    except EntryNotFoundError as err:
+        why = f"the repository is not a distcifar export ({' '.join(str(err).split())[:200]})"
+    except OSError as err:
+        why = f"the download failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+    else:
+        return Path(files[-1]).parent
+    raise CheckpointError(f"{repo_id}: no such local folder, and as a hub model id: {why}")
 
 
 def format_table(result: dict) -> str:
@@ -55,7 +91,8 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("weights", type=str, help="A checkpoints/step_* folder or an export such as OUTPUT_DIR/final.")
+    parser.add_argument("weights", type=str, help="A checkpoints/step_* folder, an export such as OUTPUT_DIR/final, or "
+                        "a hub model id (owner/name) of an export, read from the Hugging Face cache when it is there.")
     parser.add_argument("--output", type=str, default=None, help="Also write the result as JSON to this file.")
 
 
@@ -75,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(result))
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2))
-    accelerator.end_training()
+    leave(accelerator)  # every rank together; skips the teardown that can abort with several processes
 
 
 if __name__ == "__main__":

@@ -96,6 +96,13 @@ class DistCifarNet(
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.blocks(self.stem(x)))
 
+    def generate_model_card(self, *args, **kwargs):
+        """The card that save_pretrained and push_to_hub write (README.md): distcifar.export.model_card, with the
+        run's config and summary when train.py passes them as model_card_kwargs."""
+        from distcifar.export import model_card  # export imports this module
+
+        return model_card(self, **kwargs)
+
     def expert_weights(self) -> list[torch.Tensor]:
         """Each block's expert weights [batch, num_convs] from the last forward pass."""
         return [block.last_expert_weights for block in self.blocks]
