@@ -66,7 +66,8 @@ class DataConfig:
     path: str | None = None
     """Local copy: a folder of parquet files, one file, or a save_to_disk folder."""
     cache_dir: str | None = None
-    """Where decoded uint8 tensors are kept (default $DISTCIFAR_CACHE or ~/.cache/distcifar)."""
+    """Where decoded uint8 tensors are kept (default $DISTCIFAR_CACHE, else $XDG_CACHE_HOME/distcifar, else
+    ~/.cache/distcifar)."""
     train_limit: int = 0
     """Use the first N training rows (0 = all)."""
     eval_limit: int = 0
@@ -171,6 +172,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class DDPConfig:
+    """How DDP communicates gradients (several processes only; one process has no DDP and ignores it)."""
+
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd", "batched_powersgd"] = "none"
+    """Gradient compression in the all-reduce: fp16/bf16 halve its bytes; powersgd sends a low-rank
+    approximation of each weight's gradient (error feedback carries what it drops to the next step)."""
+    powersgd_rank: int = 1
+    """Rank of PowerSGD's approximation (higher: closer to the exact gradient, more bytes)."""
+    powersgd_start_step: int = 1000
+    """Optimizer steps of plain all-reduce before PowerSGD starts (PyTorch's default; >= 2). Counted from
+    the start of each process: a resumed run warms up again, and PowerSGD's error feedback is not checkpointed."""
+    bucket_cap_mb: float = 25.0
+    """Gradient megabytes per all-reduce bucket (bigger: fewer messages; smaller: earlier overlap with backward)."""
+    gradient_as_bucket_view: bool = False
+    """Gradients are views into DDP's buckets: one gradient-sized copy less, in memory and per step."""
+    static_graph: bool = False
+    """The set of used parameters is the same at every step, so DDP can skip re-checking it."""
+
+    def __post_init__(self):
+        _check(self.powersgd_rank >= 1, f"ddp.powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        _check(self.powersgd_start_step >= 2,
+               f"ddp.powersgd_start_step must be >= 2 (PowerSGD's error feedback needs it), got {self.powersgd_start_step}")
+        _check(self.bucket_cap_mb > 0, f"ddp.bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
+
+
+@dataclass
 class TrackingConfig:
     report_to: Literal["auto", "wandb", "tensorboard", "none"] = "auto"
     """auto: W&B when WANDB_MODE or W&B credentials are set, else none (metrics.jsonl is always written)."""
@@ -182,6 +209,12 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)
     plots: bool = True
     """PNG curves and confusion matrix in OUTPUT_DIR."""
+
+
+@dataclass
+class HubConfig:
+    private: bool = False
+    """With --push_to_hub: create the repository as private (an existing repository keeps its visibility)."""
 
 
 @dataclass
@@ -198,6 +231,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    push_to_hub: str | None = None
+    """After training, upload OUTPUT_DIR/final (weights, config.json, model card) to this hub model repository
+    (owner/name); needs a token (`hf auth login` or HF_TOKEN). A failed upload leaves the local export as it is."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+
+    def __post_init__(self):
+        if self.push_to_hub is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError as err:
+                raise ConfigError(f"push_to_hub: '{self.push_to_hub}' is not a hub repository id such as owner/name ({err})") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

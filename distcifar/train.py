@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from distcifar import tracking
+from distcifar import export, tracking
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import parse_config
 from distcifar.data import load_splits
@@ -33,6 +33,7 @@ from distcifar.runtime import OutputLock, StopRequest, build_accelerator, hardwa
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(sys.argv[1:] if argv is None else argv, prog="distcifar-train", description=__doc__)
+    export.check_push(cfg)  # --push_to_hub needs a token and the network: say so now, not after training
     accelerator = build_accelerator(cfg, log_with=tracking.report_to(cfg.tracking))
     OutputLock(cfg.output_dir).acquire(accelerator)  # one run per output folder
     stop = StopRequest()
@@ -70,11 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     for report in optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints):
         progress.update()
         if report.metrics:
-            progress.set_postfix(loss=f"{report.metrics['train_loss']:.3f}", lr=f"{report.metrics['lr']:.2e}")
+            progress.set_postfix(loss=f"{report.metrics['train/loss']:.3f}", lr=f"{report.metrics['train/lr']:.2e}")
             if not interactive:
-                print_once(f"step {state.step}/{parts.total_steps} epoch {report.metrics['epoch']:.2f} loss "
-                           f"{report.metrics['train_loss']:.4f} lr {report.metrics['lr']:.3e} "
-                           f"{report.metrics['images_per_second']:.0f} images/s")
+                print_once(f"step {state.step}/{parts.total_steps} epoch {report.metrics['train/epoch']:.2f} loss "
+                           f"{report.metrics['train/loss']:.4f} lr {report.metrics['train/lr']:.3e} "
+                           f"{report.metrics['train/images_per_second']:.0f} images/s")
         epoch_end, last = state.step % steps_per_epoch == 0, state.step == parts.total_steps
         eval_accuracy = None
         if last or (epoch_end and (state.step // steps_per_epoch) % cfg.train.eval_every_epochs == 0):
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "tracker_run_id": tracker.run_id,
     }
     if accelerator.is_main_process:
-        accelerator.unwrap_model(parts.model, keep_torch_compile=False).save_pretrained(out / "final", config=cfg.model)
+        export.write_final(accelerator.unwrap_model(parts.model, keep_torch_compile=False), out / "final", cfg, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "per_class_accuracy"}))
     tracker.finish(summary)
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         "the full seed network on a GPU: accelerate launch --config_file launch/gpu.yaml distcifar/train.py "
         "--config configs/default.yaml"
     )
+    export.push(accelerator, out / "final", cfg)  # after everything is on disk: a failed upload loses nothing
     leave(accelerator)
 
 
