@@ -41,3 +41,13 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and os.environ.get("DISTCIFAR_REQUIRE_ALL") == "1" and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome, report.longrepr = "failed", f"skipped, but DISTCIFAR_REQUIRE_ALL=1 requires it to run: {reason}"
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """This test builds an Accelerator in the pytest process: start from, and leave, a clean Accelerate state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

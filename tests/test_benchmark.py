@@ -162,16 +162,6 @@ def test_scaling_options_are_checked(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """This test builds an Accelerator in the pytest process: start from, and leave, a clean Accelerate state."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_a_baseline_of_another_config_is_refused(tmp_path, capsys, fresh_accelerate_state):
     from distcifar import benchmark
 

@@ -593,16 +593,6 @@ def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
     assert diffs == {step: 0.0 for step in range(1, STEPS + 1)}, f"{diffs}\n{run.describe()}"
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """This test builds an Accelerator in the pytest process: start from, and leave, a clean Accelerate state."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_ddp_options_on_one_process_say_they_do_nothing(tmp_path, capsys, fresh_accelerate_state):
     from distcifar.config import Config
     from distcifar.runtime import build_accelerator
