@@ -82,7 +82,7 @@ from distcifar import scaling, tracking
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import parse_config
 from distcifar.data import Split, TrainBatches, load_splits
-from distcifar.engine import RunState, build, optimizer_steps
+from distcifar.engine import RunState, build, optimizer_steps, rank_weight_spread
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer
 from distcifar.cli import RunFailed, UsageError, entry_point
@@ -150,13 +150,6 @@ def without_gradient_sync(ddp_model, steps):
         with ddp_model.no_sync():
             item = next(steps)
         yield item
-
-
-def weight_spread(accelerator, model) -> float:
-    """max - min over ranks of the sum of every weight (0.0: identical ranks, as DDP keeps them)."""
-    checksum = sum(p.detach().double().sum() for p in model.parameters())
-    sums = accelerator.gather(checksum[None])
-    return (sums.max() - sums.min()).item()
 
 
 def data_loop(batches: TrainBatches):
@@ -299,10 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     nosync_skips_all_reduce, hook_active = None, None
     if world > 1:
         # no_sync must skip the all-reduce: identical weights before a no-sync step, different after it
-        before = weight_spread(accelerator, parts.model)
+        before = rank_weight_spread(accelerator, parts.model)
         loops["nosync"] = without_gradient_sync(ddp_model, loop)
         timed(loops["nosync"], max(1, args.warmup), device)
-        nosync_skips_all_reduce = before == 0.0 and weight_spread(accelerator, parts.model) > 0.0
+        nosync_skips_all_reduce = before == 0.0 and rank_weight_spread(accelerator, parts.model) > 0.0
         if not nosync_skips_all_reduce:
             accelerator.print("warning: the no-sync step did not leave the ranks different; its figure is not "
                               "a step without communication", flush=True)
@@ -396,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         "micro_batch_size": batches.micro_batch,
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "log_every": cfg.train.log_every,
-        "model_parameters": sum(p.numel() for p in accelerator.unwrap_model(parts.model).parameters()),
+        "model_parameters": sum(p.numel() for p in parameters),
         "data": cfg.data.path or f"synthetic ({len(train_split)} images)",
         "warmup": args.warmup,
         "steps": args.steps,

@@ -34,6 +34,14 @@ def check_finite(model: torch.nn.Module, step: int) -> None:
         raise TrainingDiverged(f"training diverged by step {step}: the weights hold NaN or infinite values; {DIVERGED_HINT}")
 
 
+
+def rank_weight_spread(accelerator, model: torch.nn.Module) -> float:
+    """max - min over ranks of the sum of every weight: 0.0 while DDP keeps the ranks identical (one gather)."""
+    checksum = sum(p.detach().double().sum() for p in model.parameters())
+    sums = accelerator.gather(checksum[None])
+    return (sums.max() - sums.min()).item()
+
+
 @dataclass
 class RunState:
     """Everything a resumed run needs besides the weights, optimizer and RNG; epoch and position
@@ -147,9 +155,7 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
                 raise TrainingDiverged(f"training diverged at step {state.step}: the train loss is "
                                        f"{report.metrics['train/loss']}; {DIVERGED_HINT}")
             if world > 1:  # DDP keeps ranks identical; check it rather than assume it
-                checksum = sum(p.detach().double().sum() for p in model.parameters())
-                sums = accelerator.gather(checksum[None])
-                report.metrics["train/rank_weight_max_diff"] = (sums.max() - sums.min()).item()
+                report.metrics["train/rank_weight_max_diff"] = rank_weight_spread(accelerator, model)
             tracker.log(report.metrics, step=state.step)
             loss_sum.zero_()
             window_steps, window_started = 0, time.perf_counter()

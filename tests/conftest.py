@@ -45,7 +45,8 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """This test builds an Accelerator in the pytest process: start from, and leave, a clean Accelerate state."""
+    """Accelerate keeps one process-wide state: a test that builds its own Accelerator in the pytest process
+    starts from, and leaves, a clean one."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, OptimConfig
@@ -17,15 +16,7 @@ from distcifar.runtime import build_accelerator
 
 
 @pytest.fixture
-def fresh_state():
-    """Accelerate keeps one process-wide state; tests that build their own Accelerator start afresh."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def accelerator(fresh_state):
+def accelerator(fresh_accelerate_state):
     return Accelerator(cpu=True, mixed_precision="no")
 
 
@@ -63,7 +54,7 @@ def test_grad_clip_bounds_the_update_and_reports_the_norm_before_clipping(accele
     assert update == pytest.approx(clip, rel=1e-4)
 
 
-def test_grad_accumulation_averages_micro_batches(fresh_state):
+def test_grad_accumulation_averages_micro_batches(fresh_accelerate_state):
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model, images, labels = _linear_problem()
     reference = torch.nn.Linear(6, 4)
@@ -78,7 +69,7 @@ def test_grad_accumulation_averages_micro_batches(fresh_state):
 
 
 @pytest.mark.parametrize("asked", ["auto", "no", "bf16"])
-def test_mixed_precision_auto_follows_the_cpu(tmp_path, fresh_state, asked):
+def test_mixed_precision_auto_follows_the_cpu(tmp_path, fresh_accelerate_state, asked):
     cfg = Config(output_dir=str(tmp_path))
     cfg.train.mixed_precision = asked
     native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX-512-BF16 / AMX; emulated elsewhere

@@ -111,6 +111,14 @@ def final_weights(output_dir: Path) -> dict:
     return load_file(output_dir / "final" / "model.safetensors")
 
 
+def assert_resumed_from_the_stop(log: str) -> None:
+    """The requeued attempt resumed from the checkpoint written when the signal arrived (not an older one, not step 0)."""
+    stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
+    assert stopped, log[-4000:]
+    step = int(stopped.group(1))
+    assert re.search(rf"resumed from \S*step_{step:08d} at step {step}\b", log), log[-4000:]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """Test (a)'s job: an uninterrupted 2-node run. (output_dir, job id, job info)."""
@@ -155,11 +163,7 @@ def test_usr1_checkpoints_requeues_and_resumes(reference_run, tmp_path):
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert int(info["Restarts"]) >= 1, log[-4000:]
     assert "requeueing job" in log, log[-4000:]
-    # the requeued job resumed from the checkpoint written when the signal arrived, not an older one
-    stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
-    assert stopped, log[-4000:]
-    step = int(stopped.group(1))
-    assert re.search(rf"resumed from \S*step_{step:08d} at step {step}\b", log), log[-4000:]
+    assert_resumed_from_the_stop(log)
     assert "restart 1/" in log  # the second start logged its SLURM_RESTART_COUNT
     print(f"USR1 -> finished after resume: {time.monotonic() - signalled:.0f} s")
     import torch
@@ -264,11 +268,7 @@ def test_array_tasks_own_folders_and_requeue_alone(tmp_path):
     for task, spec in tasks.items():
         log = read_log(name, spec)
         assert infos[task]["JobState"] == "COMPLETED" and infos[task]["Restarts"] == "1", log[-4000:]
-        # continued from the checkpoint written on the signal, not from step 0
-        stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
-        assert stopped, log[-4000:]
-        step = int(stopped.group(1))
-        assert re.search(rf"resumed from \S*step_{step:08d} at step {step}\b", log), log[-4000:]
+        assert_resumed_from_the_stop(log)
         assert f"{'requeueing job' if task == own else 'Slurm is requeueing job'} {spec}" in log, log[-4000:]
         assert "1 process(es), single launch, 2 CPU(s)" in log, log[:3000]  # srun got --cpus-per-task
         out = sweep / str(task)
