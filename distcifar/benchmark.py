@@ -1,6 +1,6 @@
 """How close does the training loop come to a bare PyTorch loop on this machine?
 
-    python -m distcifar.benchmark [--config FILE] [--section.field VALUE ...] [--warmup 2] [--steps 5]
+    python -m distcifar.benchmark [--config FILE] [--section.field VALUE ...] [--warmup 2] [--steps 5] (GPU: 20, 100)
                                   [--repeats 3] [--quick] [--output bench.json] [--baseline one.json]
                                   [--predict 2,8,64 [--bandwidth nvlink,ib-ndr,12.5] [--target 0.2]]
     accelerate launch -m distcifar.benchmark ...      (or: accelerate launch distcifar/benchmark.py ...)
@@ -82,7 +82,7 @@ from distcifar import scaling, tracking
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import parse_config
 from distcifar.data import Split, TrainBatches, load_splits
-from distcifar.engine import RunState, build, optimizer_steps, rank_weight_spread
+from distcifar.engine import RunState, build, optimizer_steps, rank_weight_spread, wait_for_device
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer
 from distcifar.cli import RunFailed, UsageError, entry_point
@@ -92,23 +92,19 @@ from distcifar.runtime import build_accelerator, hardware, leave
 QUICK_OVERRIDES = ["--model.block_channels", "[8,8,16,16,32,32]", "--model.classifier_hidden", "[32]",
                    "--train.batch_size", "32", "--data.train_limit", "1024"]
 QUICK_COUNTS = dict(warmup=1, steps=2, repeats=1, data_steps=4)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work before reading a clock (CPU work is done when the call returns)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# On a GPU 5 steps take ~0.1 s: too short to time, and the first steps include cuDNN's algorithm search.
+GPU_COUNTS = dict(warmup=20, steps=100)
 
 
 def timed(steps, count: int, device: torch.device) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process's threads) for `count` more items of the generator `steps`.
 
     On a CPU shared with other jobs the wall time swings with their load; the CPU time much less."""
-    sync(device)
+    wait_for_device(device)
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(count):
         next(steps)
-    sync(device)
+    wait_for_device(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -166,8 +162,8 @@ def data_loop(batches: TrainBatches):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps before timing (each loop).")
-    parser.add_argument("--steps", type=int, default=5, help="Optimizer steps per timed run.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps before timing (each loop; 20 on a GPU).")
+    parser.add_argument("--steps", type=int, default=5, help="Optimizer steps per timed run (100 on a GPU).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each loop; the median is reported.")
     parser.add_argument("--data_steps", type=int, default=50, help="Micro-batches per timed run of the data pipeline.")
     parser.add_argument("--quick", action="store_true", help="Tiny model and counts: proves that it runs (CI).")
@@ -192,6 +188,8 @@ def parse(argv: list[str]):
     if "--quick" in argv:  # its defaults go first, so that options given explicitly still win
         defaults += QUICK_OVERRIDES
         defaults += [f"--{name}={value}" for name, value in QUICK_COUNTS.items()]
+    elif torch.cuda.is_available():
+        defaults += [f"--{name}={value}" for name, value in GPU_COUNTS.items()]
     cfg, args = parse_config(defaults + argv, prog="distcifar-benchmark", description=__doc__,
                              add_arguments=add_arguments)
     if min(args.steps, args.repeats, args.data_steps) < 1 or args.warmup < 0:
@@ -331,13 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. checkpoints ----------------------------------------------------------------------
     runs["checkpoint_save"], runs["checkpoint_load"] = [], []
     for repeat in range(args.repeats):
-        sync(device)
+        wait_for_device(device)
         started = time.perf_counter()
         path = checkpoints.save(state, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
         runs["checkpoint_save"].append(time.perf_counter() - started)
         started = time.perf_counter()
         checkpoints.load(path, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
-        sync(device)
+        wait_for_device(device)
         runs["checkpoint_load"].append(time.perf_counter() - started)
     checkpoint_bytes = sum(f.stat().st_size for f in path.iterdir())
     tracker.finish()

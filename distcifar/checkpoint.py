@@ -10,7 +10,9 @@ OUTPUT_DIR/checkpoints/step_00001234/
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a folder named
 step_* is always complete; `latest()` still verifies sizes and checksums and skips a damaged one.
-Files not listed in the manifest (a planted .pkl, say) are never read.
+Files not listed in the manifest (a planted .pkl, say) are never read. On resume the main process
+chooses the checkpoint and every rank must read that same folder: a multi-node run resumes only
+from a filesystem shared by all nodes (else every rank stops with one error saying so).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
@@ -288,14 +291,13 @@ class Checkpointer:
         return None
 
     def resume(self, resume: str, *, model, optimizer, scheduler) -> RunState:
-        """The run state to start from: `resume` is auto (newest good checkpoint, if any), never, or a folder."""
+        """The run state to start from: `resume` is auto (newest good checkpoint, if any), never, or a folder.
+        Collective: every rank resumes from the same checkpoint, the one the main process chose."""
         if resume == "never":
             return RunState()
-        path = self.latest() if resume == "auto" else Path(resume)
+        path = self._agreed_checkpoint(resume)
         if path is None:
             return RunState()
-        if not path.is_dir():
-            raise CheckpointError(f"--resume {resume}: no such checkpoint folder (or use auto / never)")
         weights_only = self.cfg.weights_only
         state = self.load(path, model=model, optimizer=None if weights_only else optimizer, scheduler=scheduler)
         if self.accelerator.is_main_process:
@@ -304,6 +306,42 @@ class Checkpointer:
             return RunState()
         self.saved_step = state.step
         return state
+
+    def _agreed_checkpoint(self, resume: str) -> Path | None:
+        """The folder to resume from, the same on every rank (collective): with `auto` the main process picks
+        the newest and tells the others. Raises CheckpointError on every rank when some rank cannot read it
+        (node-local disks: the main process's newest checkpoint is not on the other nodes)."""
+        acc = self.accelerator
+        if resume == "auto":
+            newest = self.latest() if acc.is_main_process else None
+            chosen = [newest.name if newest else None]
+            if acc.num_processes > 1:
+                broadcast_object_list(chosen)
+            if chosen[0] is None:
+                return None
+            path = self.root / chosen[0]
+        else:
+            path = Path(resume)
+        problem = None
+        if not path.is_dir():
+            problem = f"--resume {resume}: no such checkpoint folder (or use auto / never)"
+        elif not (resume == "auto" and acc.is_main_process):  # latest() has verified the main process's choice
+            try:
+                read_verified(path)
+            except CheckpointError as err:
+                problem = str(err)
+        main_failed, failing_rank = (int(flag) for flag in agree(acc, acc.is_main_process and problem is not None,
+                                                                 acc.process_index if problem else -1))
+        if main_failed:
+            raise CheckpointError(problem if acc.is_main_process else "")
+        if failing_rank >= 0:
+            where = "output_dir" if resume == "auto" else f"--resume {resume}"
+            raise CheckpointError(
+                f"rank {failing_rank} cannot read checkpoint {path} (missing or damaged on its node), which the main "
+                f"process resumes from: to resume a multi-node run, {where} must be on a filesystem shared by all "
+                "nodes (or pass --resume never, or --resume a checkpoint folder every node can read)"
+                if acc.is_main_process else "")
+        return path
 
     def load(self, path: Path, *, model, optimizer=None, scheduler=None) -> RunState:
         """Restore into model and, unless optimizer is None (weights only), the optimizer, scheduler,
@@ -323,6 +361,12 @@ class Checkpointer:
         if optimizer is None:
             return state
         optimizer.load_state_dict(optimizer_from_files(load(blobs["optimizer.safetensors"]), saved["optimizer"]))
+        # The files hold NCHW-contiguous tensors: give each state tensor (momentum, Adam moments) its parameter's
+        # layout back (channels_last), or the foreach/fused update leaves its fast path for the rest of the run.
+        for param, per_param in optimizer.state.items():
+            for name, value in per_param.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    per_param[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
         scheduler.load_state_dict(saved["scheduler"])
         if self.accelerator.scaler is not None and saved.get("scaler"):
             self.accelerator.scaler.load_state_dict(saved["scaler"])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from distcifar.cli import RunFailed
-from distcifar.config import Config, OptimConfig
+from distcifar.config import Config, ConfigError, OptimConfig
 from distcifar.data import Split, TrainBatches, normalize
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
@@ -35,6 +35,12 @@ def check_finite(model: torch.nn.Module, step: int) -> None:
 
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read next counts work done rather than work queued."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def rank_weight_spread(accelerator, model: torch.nn.Module) -> float:
     """max - min over ranks of the sum of every weight: 0.0 while DDP keeps the ranks identical (one gather)."""
     checksum = sum(p.detach().double().sum() for p in model.parameters())
@@ -48,7 +54,8 @@ class RunState:
     in the epoch follow from `step` (TrainBatches.at_step)."""
 
     step: int = 0  # optimizer steps done
-    wall_seconds: float = 0.0  # training time over all attempts
+    wall_seconds: float = 0.0  # the loop's wall time over all attempts, evaluations and saves included
+    train_seconds: float = 0.0  # time spent taking optimizer steps over all attempts (no evaluations, no saves)
     best_accuracy: float | None = None
     tracker_run_id: str | None = None
 
@@ -70,6 +77,9 @@ def build(cfg: Config, accelerator, evaluation: Split, train: Split | None = Non
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model if model is not None else DistCifarNet(cfg.model)
     if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
+        if accelerator.device.type == "cpu":
+            raise ConfigError("train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm refuses CPU tensors); "
+                              "set it false for a CPU run" if accelerator.is_main_process else "")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(memory_format=memory_format)
     eval_loader = torch.utils.data.DataLoader(
@@ -120,17 +130,19 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
     and logging every train.log_every steps; yield a StepReport after each step. `stop` is the
     process's StopRequest (None: nothing to stop for, as in the benchmark).
 
-    Host syncs happen only on logging steps and, every `check_every` steps, where the ranks agree on
-    stopping and on the checkpoint timer (on a CPU every step: there is no queue to drain)."""
+    Host syncs happen only on logging steps, at epoch ends and, every `check_every` steps, where the
+    ranks agree on stopping and on the checkpoint timer (on a CPU every step: there is no queue to
+    drain). state.train_seconds counts the time spent in here, not what the driver does between steps
+    (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued."""
     model, optimizer, scheduler, batches = parts.model, parts.optimizer, parts.scheduler, parts.batches
     until = parts.total_steps if until is None else until
     check_every = 1 if accelerator.device.type == "cpu" else 10
     steps_per_epoch, world = batches.steps_per_epoch, accelerator.num_processes
     started, wall_before = time.monotonic(), state.wall_seconds
     loss_sum = torch.zeros((), device=accelerator.device)
-    window_steps, window_started = 0, time.perf_counter()
-    epoch_started = time.perf_counter()
+    window_steps, window_started, epoch_started = 0, state.train_seconds, state.train_seconds
     model.train()
+    resumed = time.monotonic()  # when the driver last handed control back
     while state.step < until:
         logging_step = (state.step + 1) % cfg.train.log_every == 0
         loss, grad_norm = train_step(accelerator, model, optimizer, batches.at_step(state.step), cfg.optim, logging_step)
@@ -138,41 +150,45 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         state.step += 1
-        state.wall_seconds = wall_before + time.monotonic() - started
         window_steps += 1
+        epoch_end = state.step % steps_per_epoch == 0
         report = StepReport()
-        if logging_step:
-            seconds = time.perf_counter() - window_started
-            report.metrics = {
-                "train/epoch": state.step / steps_per_epoch,
-                "train/loss": accelerator.reduce(loss_sum, "mean").item() / window_steps,
-                "train/lr": lr,
-                "train/grad_norm": float(grad_norm),
-                "train/images_per_second": window_steps * cfg.train.batch_size / seconds,
-                "train/images_per_second_per_process": window_steps * cfg.train.batch_size / seconds / world,
-            }
-            if not math.isfinite(report.metrics["train/loss"]):  # the same value on every rank: all stop
-                raise TrainingDiverged(f"training diverged at step {state.step}: the train loss is "
-                                       f"{report.metrics['train/loss']}; {DIVERGED_HINT}")
+        if logging_step:  # reading the loss waits for the step, so the clock below counts work done
+            train_loss = accelerator.reduce(loss_sum, "mean").item() / window_steps
+            if not math.isfinite(train_loss):  # the same value on every rank: all stop
+                raise TrainingDiverged(f"training diverged at step {state.step}: the train loss is {train_loss}; "
+                                       f"{DIVERGED_HINT}")
+            report.metrics = {"train/epoch": state.step / steps_per_epoch, "train/loss": train_loss,
+                              "train/lr": lr, "train/grad_norm": float(grad_norm)}
             if world > 1:  # DDP keeps ranks identical; check it rather than assume it
                 report.metrics["train/rank_weight_max_diff"] = rank_weight_spread(accelerator, model)
-            tracker.log(report.metrics, step=state.step)
-            loss_sum.zero_()
-            window_steps, window_started = 0, time.perf_counter()
-        if state.step % steps_per_epoch == 0:
-            tracker.log({"train/epoch_seconds": time.perf_counter() - epoch_started,
-                         "train/epoch": state.step / steps_per_epoch}, step=state.step)
-            epoch_started = time.perf_counter()
+        elif epoch_end:
+            wait_for_device(accelerator.device)
         if state.step % check_every == 0:
             signum, due = agree(accelerator, stop.signum if stop else 0, checkpoints.timer_expired())
             report.stop_signal, report.timer_due = int(signum), bool(due)
+        now = time.monotonic()
+        state.train_seconds += now - resumed
+        state.wall_seconds = wall_before + now - started
+        if logging_step:
+            images_per_second = window_steps * cfg.train.batch_size / (state.train_seconds - window_started)
+            report.metrics.update({"train/images_per_second": images_per_second,
+                                   "train/images_per_second_per_process": images_per_second / world})
+            tracker.log(report.metrics, step=state.step)
+            loss_sum.zero_()
+            window_steps, window_started = 0, state.train_seconds
+        if epoch_end:
+            tracker.log({"train/epoch_seconds": state.train_seconds - epoch_started,
+                         "train/epoch": state.step / steps_per_epoch}, step=state.step)
+            epoch_started = state.train_seconds
         yield report
+        resumed = time.monotonic()
 
 
 @torch.no_grad()
 def evaluate(accelerator, parts: Parts, num_classes: int) -> dict:
     """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once."""
-    model = parts.model
+    model = getattr(parts.model, "_orig_mod", parts.model)  # torch.compile is for training: here it would recompile
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)

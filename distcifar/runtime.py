@@ -43,14 +43,12 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
         )
     # ACCELERATE_USE_CPU: launch/cpu.yaml (or --cpu) on a machine that has GPUs.
     on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
-    precision = cfg.train.mixed_precision
-    if precision == "auto":  # bf16 where the hardware has it; emulated bf16 on CPU is ~10x slower than fp32
-        if on_gpu:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    precision = resolve_precision(cfg.train.mixed_precision, on_gpu)
     if precision == "fp16" and not on_gpu:
         raise UsageError("train.mixed_precision fp16 needs a GPU (Accelerate ignores it on CPU); use bf16 or no")
+    # Every batch has the same shape, so cuDNN's one-time search for the fastest kernels pays off (the
+    # kernels it picks may differ between runs: bit-identical results are a CPU promise only).
+    torch.backends.cudnn.benchmark = on_gpu
     accelerator = Accelerator(
         # Without cpu=True a multi-process launch on a machine with no GPU trains N unsynchronised copies.
         cpu=not on_gpu,
@@ -70,6 +68,16 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
         )
     check_ddp_options(accelerator, cfg)
     return accelerator
+
+
+def resolve_precision(requested: str, on_gpu: bool) -> str:
+    """train.mixed_precision with `auto` decided: bf16 where the hardware runs it natively, else fp16 + loss
+    scaling on a GPU (a T4 or V100 emulates bf16, slowly) and fp32 on a CPU (emulated bf16 there is ~10x slower)."""
+    if requested != "auto":
+        return requested
+    if on_gpu:
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
 # Accelerate looks its hooks up by enum member: a plain string registers no hook at all, silently.

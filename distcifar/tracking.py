@@ -184,7 +184,7 @@ class Tracker:
         names = class_names(len(result["per_class_accuracy"]))
         predictions, expert_weights = _predict(model, sample_images)
 
-        scalars = {"train/epoch": result["epoch"], "eval/accuracy": result["eval_accuracy"],
+        scalars = {"train/epoch": result["epoch"], "train/seconds": result["train_seconds"], "eval/accuracy": result["eval_accuracy"],
                    "eval/loss": result["eval_loss"], "eval/num_samples": result["eval_samples"]}
         for name, accuracy in zip(names, result["per_class_accuracy"]):
             scalars[f"eval/class_acc/{name}"] = accuracy

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     interactive = sys.stderr.isatty()
     progress = tqdm(total=parts.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
                     disable=not (accelerator.is_main_process and interactive))
-    steps_before, wall_before = state.step, state.wall_seconds
+    steps_before, seconds_before = state.step, state.train_seconds
     sample = eval_split.head(32)
     result, exit_signal = None, 0
     for report in optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints):
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_accuracy = None
         if last or (epoch_end and (state.step // steps_per_epoch) % cfg.train.eval_every_epochs == 0):
             result = evaluate(accelerator, parts, cfg.model.num_classes)
-            result.update(epoch=state.step / steps_per_epoch, eval_split=eval_name)
+            result.update(epoch=state.step / steps_per_epoch, eval_split=eval_name, train_seconds=state.train_seconds)
             eval_accuracy = result["eval_accuracy"]
             state.best_accuracy = max(state.best_accuracy or 0.0, eval_accuracy)
             tracker.log_eval(result, step=state.step, model=accelerator.unwrap_model(parts.model, keep_torch_compile=False),
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if result is None:  # resumed from a finished run: nothing trained, evaluate once
         result = evaluate(accelerator, parts, cfg.model.num_classes)
         result["eval_split"] = eval_name
-    trained_seconds = state.wall_seconds - wall_before
+    trained_seconds = state.train_seconds - seconds_before
     summary = {
         "test_accuracy": result["eval_accuracy"],
         "test_loss": result["eval_loss"],
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "global_step": state.step,
         "epochs": state.step / steps_per_epoch,
         "images_per_second": (state.step - steps_before) * cfg.train.batch_size / trained_seconds if trained_seconds else None,
+        "train_seconds": state.train_seconds,
         "wall_seconds": state.wall_seconds,
         "num_processes": world,
         "mixed_precision": accelerator.mixed_precision,
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker.finish(summary)
     print_once(
         f"\n{eval_name} accuracy {summary['test_accuracy']:.2%} on {summary['eval_samples']} images after "
-        f"{summary['epochs']:g} epochs ({summary['wall_seconds']:.0f} s of training)\n"
+        f"{summary['epochs']:g} epochs ({summary['train_seconds']:.0f} s of training, {summary['wall_seconds']:.0f} s with evaluations)\n"
         f"plots: {out / 'curves.png'}, {out / 'confusion.png'} | model: {out / 'final'} | summary: {out / 'summary.json'}\n"
         "the full seed network on a GPU: accelerate launch --config_file launch/gpu.yaml distcifar/train.py "
         "--config configs/default.yaml"

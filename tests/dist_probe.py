@@ -5,6 +5,7 @@
     <launcher> tests/dist_probe.py check --out FILE [--run TRAIN_OUTPUT_DIR --eval_batch_size B ...]
     <launcher> tests/dist_probe.py whoami
     <launcher> tests/dist_probe.py ddp --out FILE --steps K --options JSON [train.py ARGS ...]
+    <launcher> tests/dist_probe.py resume --root DIR --steps S ... [--rank1_steps S ...] [--resume auto|FOLDER]
 
 Nothing here replaces a piece of the distributed machinery: every mode builds the real
 Accelerator (through runtime.build_accelerator, so with train.py's own checks), the real
@@ -20,6 +21,9 @@ step generator it drives, engine.optimizer_steps, is wrapped, not replaced):
   PROBE_HANG=1 (with PROBE_FAIL_RANK/STEP)
                                    instead of raising, that rank stops answering (sleeps, SIGTERM
                                    included) at that step: a stuck rank rather than a crashed one
+
+`resume` emulates node-local disks: each rank has its own folder DIR/rank<R> (its checkpoint root
+and working directory) and resumes with the real Checkpointer.resume.
 """
 
 from __future__ import annotations
@@ -228,6 +232,57 @@ def cmd_whoami(args) -> None:
     accelerator.end_training()
 
 
+def cmd_resume(args) -> None:
+    """Checkpoints written by the real Checkpointer.save (one optimizer step of a tiny network apart) into
+    every rank's folder DIR/rank<R>, rank 1's holding only --rank1_steps; then each rank chdirs into its own
+    folder and calls Checkpointer.resume(--resume) with its folder as the root. The main process prints
+    `RESUMED {"steps": [...], "checksums": [...]}`: each rank's resumed step and sum of its weights."""
+    import torch
+
+    from distcifar.checkpoint import Checkpointer
+    from distcifar.config import Config
+    from distcifar.engine import RunState
+    from distcifar.model import DistCifarNet
+    from distcifar.optim import build_optimizer, build_scheduler
+    from support import TINY_MODEL_CONFIG
+
+    root = Path(args.root)
+    accelerator = _accelerator(str(root / "run"), args.collective_timeout_s)
+    cfg = Config(model=TINY_MODEL_CONFIG)
+    torch.manual_seed(0)
+    model = DistCifarNet(cfg.model).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=4, total_steps=16)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def checkpoints(rank: int) -> Checkpointer:
+        return Checkpointer(accelerator, root / f"rank{rank}", cfg.checkpoint, cfg.to_dict())
+
+    held = {rank: args.rank1_steps if rank == 1 and args.rank1_steps else args.steps
+            for rank in range(accelerator.num_processes)}
+    for step in sorted(set(args.steps) | set(args.rank1_steps or [])):
+        accelerator.backward(model(torch.randn(4, 3, 32, 32)).sum())
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        for rank, steps in held.items():  # collective: the main process writes into every rank's folder
+            if step in steps:
+                checkpoints(rank).save(RunState(step=step), model=model, optimizer=optimizer, scheduler=scheduler)
+
+    rank = accelerator.process_index
+    os.chdir(root / f"rank{rank}")
+    if accelerator.is_main_process:
+        print(f"dist_probe: resuming (unix time {time.time():.3f})", flush=True)
+    state = checkpoints(rank).resume(args.resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    checksum = sum(p.detach().double().sum() for p in model.parameters())
+    steps = accelerator.gather(torch.tensor([state.step], device=accelerator.device))
+    checksums = accelerator.gather(checksum[None])
+    if accelerator.is_main_process:
+        print("RESUMED " + json.dumps({"steps": steps.tolist(), "checksums": checksums.tolist()}), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "train":
         return cmd_train(sys.argv[2:])
@@ -249,6 +304,12 @@ def main() -> None:
     p.add_argument("--run", default=None, help="evaluation: a finished train.py output folder")
     p.add_argument("--eval_batch_size", type=int, nargs="+", default=[16])
     sub.add_parser("whoami")
+    p = sub.add_parser("resume")
+    p.add_argument("--root", required=True)
+    p.add_argument("--steps", type=int, nargs="+", required=True, help="checkpoints in every rank's folder")
+    p.add_argument("--rank1_steps", type=int, nargs="+", default=None, help="rank 1's folder holds only these")
+    p.add_argument("--resume", default="auto", help="auto, or a folder (relative: in each rank's own folder)")
+    p.add_argument("--collective_timeout_s", type=int, default=30)
     args = parser.parse_args()
     if args.mode == "make-data":  # the synthetic dataset the tests use, for runs by hand
         from support import write_parquet_dataset
@@ -256,6 +317,10 @@ def main() -> None:
         write_parquet_dataset(Path(args.path), args.train, args.test)
     elif args.mode == "check":
         cmd_check(args)
+    elif args.mode == "resume":
+        from distcifar.cli import entry_point
+
+        entry_point(cmd_resume)(args)  # a refusal as train.py gives it: one error line, exit code 2
     else:
         cmd_whoami(args)
 

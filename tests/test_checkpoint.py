@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors + JSON only, verified, atomic, and an exact resume after SIGKILL."""
+"""Checkpoints: safetensors + JSON only, verified, atomic, an exact resume after SIGKILL, and optimizer state
+restored in its parameters' memory layout (channels_last)."""
 
 import hashlib
 import json
@@ -137,6 +138,37 @@ def test_config_mismatch_names_the_fields(accelerator, tmp_path):
         ckpt.load(tmp_path / "step_00000003", model=model, optimizer=optimizer, scheduler=scheduler)
     state = ckpt.load(tmp_path / "step_00000003", model=model)  # weights only
     assert state.step == 3
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerator, tmp_path, name):
+    """A state tensor laid out unlike its parameter knocks the foreach/fused update off its fast path."""
+    def channels_last_state(seed):
+        torch.manual_seed(seed)
+        cfg = Config(model=TINY)
+        cfg.optim.name = name
+        model = DistCifarNet(TINY).to(memory_format=torch.channels_last)  # as engine.build makes it
+        optimizer = accelerator.prepare(build_optimizer(model, cfg.optim))
+        scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=4, total_steps=8)
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)).sum().backward()
+            optimizer.step()
+            scheduler.step()
+        return cfg, model, optimizer, scheduler
+
+    cfg, model, optimizer, scheduler = channels_last_state(seed=0)
+    ckpt = _checkpointer(accelerator, tmp_path, cfg)
+    folder = ckpt.save(RunState(step=2), model=model, optimizer=optimizer, scheduler=scheduler)
+    _, fresh_model, fresh_opt, fresh_sched = channels_last_state(seed=1)
+    ckpt.load(folder, model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched)
+    assert any(param.ndim == 4 for param in fresh_model.parameters())
+    for saved_param, param in zip(model.parameters(), fresh_model.parameters(), strict=True):
+        saved, loaded = optimizer.state[saved_param], fresh_opt.state[param]
+        assert loaded.keys() == saved.keys() and loaded
+        for key, value in loaded.items():
+            assert torch.equal(value, saved[key])
+            if value.shape == param.shape:
+                assert value.stride() == param.stride(), f"{key} of a {tuple(param.shape)} parameter"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ process start-up. The launches are module fixtures, each run once and read by se
   crash       2 processes, rank 1 raises at step 3
   real        2 processes on the real CIFAR-10 (only with DISTCIFAR_TEST_DATA set)
   ddp_options 2 processes: every ddp.* option set in turn (tests/dist_probe.py ddp), 24 steps each
+  resume_*    2 processes resuming, each rank with its own checkpoint folder (tests/dist_probe.py resume)
 
   1. ranks hold identical weights after every step (train/rank_weight_max_diff == 0.0 at every step)
      and at the end (every rank's final state, bit for bit, across two "nodes")
@@ -32,6 +33,8 @@ process start-up. The launches are module fixtures, each run once and read by se
   9. every ddp.* option (fp16/bf16/PowerSGD comm hooks, bucket size, gradient_as_bucket_view,
      static_graph) keeps the ranks bit-identical; compressed runs track plain DDP's loss; what
      cannot run (batched PowerSGD on this torch, static_graph with accumulation) is refused
+ 10. every rank resumes from the checkpoint the main process chose; when a rank cannot read it
+     (node-local disks), every rank stops at once with one error asking for a shared filesystem
 
 Environment: HF_HUB_OFFLINE=1 and WANDB_MODE=offline for every launch; HF_HOME in a temporary
 folder, so no default Accelerate config or datasets cache of the machine is used.
@@ -486,6 +489,12 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(l
     assert timeout_s <= after < timeout_s + 30 + 30, f"ended {after:.0f} s after rank 1 stopped\n{run.describe()}"
 
 
+def test_sync_batchnorm_on_cpu_processes_is_refused_in_one_line(lab):
+    run = train_run(lab, "syncbn", accelerate("cpu_multi.yaml"), ["--train.sync_batchnorm", "true"], timeout=240)
+    assert run.returncode != 0, run.describe()
+    assert run.output.count("error: train.sync_batchnorm needs GPUs") == 1, run.describe()
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Processes started without a launcher must not train as unsynchronised copies
 
@@ -605,3 +614,42 @@ def test_ddp_options_on_one_process_say_they_do_nothing(tmp_path, capsys, fresh_
     cfg.ddp.comm_hook = "none"
     build_accelerator(cfg)
     assert "ddp.*" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Every rank resumes from the main process's choice of checkpoint
+
+RESUME_COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting would end the job after this, not train's default 300 s
+
+
+def resume_run(lab: Lab, name: str, *probe_args: str) -> Run:
+    """tests/dist_probe.py resume, 2 processes: each rank resumes from its own folder under lab.root/name."""
+    base = lab.root / name
+    cmd = [*accelerate("cpu_multi.yaml"), str(PROBE), "resume", "--root", str(base),
+           "--collective_timeout_s", str(RESUME_COLLECTIVE_TIMEOUT_S), *probe_args]
+    began = time.monotonic()
+    code, out, err = finish(start(cmd, lab.env()), 120)
+    return Run(name, cmd, code, out, err, time.monotonic() - began, time.time(), base, base)
+
+
+@pytest.mark.parametrize("resume", ["auto", "step_00000008"])
+def test_a_checkpoint_missing_on_one_node_stops_every_rank_at_once_with_one_error(lab, resume):
+    # rank 0's newest checkpoint is step 8; rank 1's disk holds only step 4
+    run = resume_run(lab, f"resume_missing_{resume}", "--steps", "4", "8", "--rank1_steps", "4", "--resume", resume)
+    assert run.returncode != 0 and "RESUMED" not in run.stdout, run.describe()
+    errors = lines_with(run.output, r"^error: ")
+    assert len(errors) == 1, run.describe()  # said once, by the main process
+    assert "rank 1 cannot read checkpoint" in errors[0] and "step_00000008" in errors[0], run.describe()
+    assert "filesystem shared by all nodes" in errors[0], run.describe()
+    started = float(re.search(r"dist_probe: resuming \(unix time ([\d.]+)\)", run.output).group(1))
+    after = run.ended_at - started
+    assert after < 30, f"the job took {after:.0f} s to end after the resume began\n{run.describe()}"
+
+
+def test_on_a_shared_filesystem_every_rank_resumes_from_the_newest_checkpoint(lab):
+    run = resume_run(lab, "resume_shared", "--steps", "4", "8")
+    assert run.returncode == 0, run.describe()
+    (line,) = lines_with(run.stdout, r"^RESUMED ")
+    resumed = json.loads(line.split(" ", 1)[1])
+    assert resumed["steps"] == [8, 8], run.describe()
+    assert resumed["checksums"][0] == resumed["checksums"][1]

@@ -1,18 +1,24 @@
 """The training step and its cadence: label smoothing and gradient clipping do what they say, precision
-`auto` follows the hardware, the checkpointer saves exactly when its rules say, and the generator
-that train.py and the benchmark drive takes the steps and logs the lr each step used."""
+`auto` follows the hardware, the checkpointer saves exactly when its rules say, the step generator that
+train.py and the benchmark drive counts only its own time as training time, and evaluation never runs
+the torch.compile'd model."""
 
+import json
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from distcifar import tracking
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, OptimConfig
-from distcifar.engine import Parts, RunState, StepReport, evaluate, train_step
-from distcifar.runtime import build_accelerator
+from distcifar.data import Split
+from distcifar.engine import Parts, RunState, StepReport, build, evaluate, optimizer_steps, train_step
+from distcifar.runtime import build_accelerator, resolve_precision
+from support import TINY_MODEL_CONFIG
 
 
 @pytest.fixture
@@ -77,6 +83,16 @@ def test_mixed_precision_auto_follows_the_cpu(tmp_path, fresh_accelerate_state, 
     assert build_accelerator(cfg).mixed_precision == expected
 
 
+@pytest.mark.parametrize("gpu, expected", [("t4", "fp16"), ("a100", "bf16")])
+def test_mixed_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, gpu, expected):
+    # No GPU here: torch's own query answers as it does on that card. A T4 or V100 (the seed's own GPU is a
+    # T4) runs bf16 only by emulation, which torch counts as "supported" unless asked for native support.
+    native = gpu == "a100"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert resolve_precision("auto", on_gpu=True) == expected
+    assert resolve_precision("bf16", on_gpu=True) == "bf16"  # asked for by name: as asked
+
+
 @pytest.mark.parametrize("every_steps, expected", [(0, [8, 16]), (5, [5, 8, 10, 15, 16]), (4, [4, 8, 12, 16])])
 def test_checkpointer_saves_at_epoch_ends_the_end_and_every_n_steps(accelerator, every_steps, expected):
     checkpoints = Checkpointer(accelerator, "unused", CheckpointConfig(every_steps=every_steps), {})
@@ -112,3 +128,47 @@ def test_evaluate_counts_true_rows_and_predicted_columns_and_the_mean_loss(accel
     assert result["eval_accuracy"] == 3 / 5 and result["eval_samples"] == 5
     log_p = torch.tensor([1.0, 0.0, 3.0]).log_softmax(0)
     assert result["eval_loss"] == pytest.approx(-(log_p[0] + log_p[1] + 3 * log_p[2]).item() / 5)
+
+
+def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
+    # Under train.compile the compiled model would recompile for evaluation's batch size and no_grad.
+    compiled_graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # torch.compile's custom-backend interface
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])), batch_size=4)
+    compiled = torch.compile(module, backend=counting_backend)
+    result = evaluate(accelerator, Parts(compiled, loader, torch.contiguous_format), num_classes=3)
+    assert result["eval_samples"] == 6
+    assert compiled_graphs == [], "evaluate ran the compiled wrapper"
+    compiled(torch.randn(2, 3, 32, 32))  # the wrapper does compile when it is called: the counter works
+    assert len(compiled_graphs) == 1
+
+
+def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path, fresh_accelerate_state):
+    cfg = Config(output_dir=str(tmp_path), model=TINY_MODEL_CONFIG)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = 2, 16, 2, "no"
+    cfg.tracking.report_to, cfg.tracking.plots = "none", False
+    accelerator = build_accelerator(cfg)
+    generator = torch.Generator().manual_seed(0)
+    train = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                  torch.randint(0, 10, (64,), generator=generator))
+    parts = build(cfg, accelerator, train.head(16), train)
+    tracker = tracking.Tracker(accelerator, cfg, tmp_path, None, {})
+    state = RunState()
+    pause = 0.1  # an evaluation or a save, say
+    for _ in optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None,
+                             checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {})):
+        time.sleep(pause)
+    tracker.finish()
+    assert state.step == 8
+    # wall time is read at each step's end: it holds the 7 pauses between the 8 steps, training time none
+    assert state.wall_seconds - state.train_seconds == pytest.approx(7 * pause, abs=0.05)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row["train/epoch_seconds"] for row in rows if "train/epoch_seconds" in row]
+    assert len(epochs) == 2 and sum(epochs) == pytest.approx(state.train_seconds)
+    assert all(epoch < 4 * pause for epoch in epochs)  # each epoch's 4 pauses are left out

@@ -1,0 +1,37 @@
+"""scripts/gpu_check.py --dry-run: the GPU check's whole path on the CPU (the benchmark and a training run
+of the real recipes, shrunk), so that the run on a borrowed GPU cannot fail on a typo; and each result file
+holds what the README's Results table is made from."""
+
+import json
+import subprocess
+import sys
+
+from support import REPO
+
+
+def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_path, synthetic_data):
+    out = tmp_path / "out"
+    command = [sys.executable, "scripts/gpu_check.py", "--dry-run", "--only", "benchmark,default", "--budget", "400",
+               "--data", str(synthetic_data), "--out", str(out), "--runs", str(tmp_path / "runs")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    names = sorted(path.name.split("-cpu-")[1] for path in out.iterdir())
+    assert names == ["benchmark.json", "default.json", "log.txt"]
+
+    benchmark = json.loads(next(out.glob("*-cpu-benchmark.json")).read_text())
+    assert benchmark["device_name"] and benchmark["recipe"] == "configs/default.yaml" and benchmark["dry_run"]
+    assert benchmark["loop_images_per_second"] > 0 and benchmark["loop_vs_bare_ratio"] > 0
+
+    default = json.loads(next(out.glob("*-cpu-default.json")).read_text())
+    summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())
+    assert default["exit_code"] == 0 and default["finished"] and default["dry_run"]
+    assert default["recipe"] == "configs/default.yaml" and default["test_accuracy"] == summary["test_accuracy"]
+    assert default["images_per_second"] == summary["images_per_second"] > 0
+    epochs = default["epochs"]
+    assert [e["epoch"] for e in epochs] == [1.0, 2.0]
+    assert 0 < epochs[0]["train_seconds"] < epochs[1]["train_seconds"] == summary["train_seconds"]
+    reached = [e["train_seconds"] for e in epochs if e["test_accuracy"] >= 0.93]
+    assert default["seconds_to_93"] == (reached[0] if reached else None)
+
+    log = next(out.glob("*-cpu-log.txt")).read_text()
+    assert "-m distcifar.benchmark --config configs/default.yaml" in log and "-m distcifar.train --config configs/default.yaml" in log
