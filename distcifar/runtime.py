@@ -198,10 +198,12 @@ def _cpuinfo() -> list[str]:
 
 
 def agree(accelerator: Accelerator, *flags: float) -> list[float]:
-    """The max of each flag over all ranks, so every rank takes the same decision (a host sync)."""
+    """The max of each flag over all ranks, so every rank takes the same decision (a host sync when there are
+    several; one process has nothing to agree with, and its flags never go to the device and back)."""
+    if accelerator.num_processes == 1:
+        return [float(flag) for flag in flags]
     values = torch.tensor(flags, dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values.tolist()
 
 

@@ -15,10 +15,15 @@ python_version=${2:-3.12}
 for split in train test; do
     [ -f "$data/$split.parquet" ] || { echo "error: $data/$split.parquet is missing" >&2; exit 2; }
 done
-rm -rf .carry/wheels && mkdir -p .carry/cifar10 .carry/wheels
+rm -rf .carry/wheels .carry/datasets .carry/fallback && mkdir -p .carry/cifar10 .carry/wheels .carry/datasets .carry/fallback
 cp "$data/train.parquet" "$data/test.parquet" .carry/cifar10/
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python_version" \
-    --implementation cp -d .carry/wheels \
-    datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 jsonargparse==4.53.0 docstring-parser==0.18.0
-ls .carry/wheels
+download() {
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python_version" \
+        --implementation cp "$@"
+}
+download -d .carry/wheels dill==0.4.1 multiprocess==0.70.19 jsonargparse==4.53.0 docstring-parser==0.18.0
+# datasets 5.2 declares pyarrow >= 24; 5.0 (same dill and multiprocess) takes pyarrow >= 21
+download -d .carry/datasets datasets==5.2.0
+download -d .carry/fallback datasets==5.0.0
+ls .carry/wheels .carry/datasets .carry/fallback
 du -sh .carry

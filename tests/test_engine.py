@@ -1,7 +1,7 @@
 """The training step and its cadence: label smoothing and gradient clipping do what they say, precision
 `auto` follows the hardware, the checkpointer saves exactly when its rules say, the step generator that
-train.py and the benchmark drive counts only its own time as training time, and evaluation never runs
-the torch.compile'd model."""
+train.py and the benchmark drive reads nothing back from the device between logging steps and counts only
+its own time as training time, and evaluation never runs the torch.compile'd model."""
 
 import json
 import math
@@ -19,6 +19,7 @@ from distcifar.data import Split
 from distcifar.engine import Parts, RunState, StepReport, build, evaluate, optimizer_steps, train_step
 from distcifar.runtime import build_accelerator, resolve_precision
 from support import TINY_MODEL_CONFIG
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture
@@ -149,16 +150,56 @@ def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
     assert len(compiled_graphs) == 1
 
 
-def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path, fresh_accelerate_state):
+def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0):
+    """A real build of the tiny network on 64 random images, batch 16 (4 steps per epoch), 2 epochs."""
     cfg = Config(output_dir=str(tmp_path), model=TINY_MODEL_CONFIG)
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = 2, 16, 2, "no"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = 2, 16, log_every, "no"
+    cfg.optim.grad_clip = grad_clip
     cfg.tracking.report_to, cfg.tracking.plots = "none", False
     accelerator = build_accelerator(cfg)
     generator = torch.Generator().manual_seed(0)
     train = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator),
                   torch.randint(0, 10, (64,), generator=generator))
     parts = build(cfg, accelerator, train.head(16), train)
-    tracker = tracking.Tracker(accelerator, cfg, tmp_path, None, {})
+    return cfg, accelerator, parts, tracking.Tracker(accelerator, cfg, tmp_path, None, {})
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that make a GPU wait: a value read back to the host (.item(), float(), bool() of a
+    tensor) and a tensor made from host data (torch.tensor(...), a host-to-device copy on a GPU)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.SYNCING):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_steps_that_do_not_log_read_nothing_back_from_the_device(tmp_path, fresh_accelerate_state, grad_clip):
+    # One process, on the CPU: there the stop/timer agreement runs every step (on a GPU every 10), so this
+    # covers it too. Steps 1-3 of the first epoch: no logging step (log_every 100), no epoch end.
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, grad_clip=grad_clip)
+    state = RunState()
+    steps = optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None,
+                            checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {}))
+    next(steps)  # the first step builds the epoch's order and the optimizer state
+    with HostReads() as reads:
+        next(steps), next(steps)
+    assert state.step == 3 and reads.seen == []
+    with HostReads() as reads:  # an epoch end waits for the device: on the CPU that is no operation
+        next(steps)
+    assert state.step == 4 and reads.seen == []
+    tracker.finish()
+
+
+def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path, fresh_accelerate_state):
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=2)
     state = RunState()
     pause = 0.1  # an evaluation or a save, say
     for _ in optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None,
