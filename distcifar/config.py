@@ -140,6 +140,8 @@ class TrainConfig:
     log_every: int = 50
     """Optimizer steps between log lines (each one costs a host sync)."""
     eval_every_epochs: int = 1
+    eval_hflip: bool = False
+    """Test-time augmentation: evaluate each image and its mirror image, and average their logits."""
     collective_timeout_s: int = 300
     """A rank that stops answering ends the job after this many seconds."""
 

@@ -186,16 +186,20 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
 
 
 @torch.no_grad()
-def evaluate(accelerator, parts: Parts, num_classes: int) -> dict:
-    """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once."""
+def evaluate(accelerator, parts: Parts, num_classes: int, hflip: bool = False) -> dict:
+    """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once. With `hflip`
+    the logits are the mean of the image's and its mirror image's (test-time augmentation)."""
     model = getattr(parts.model, "_orig_mod", parts.model)  # torch.compile is for training: here it would recompile
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for images, labels in parts.eval_loader:
         with accelerator.autocast():
-            logits = model(normalize(images).contiguous(memory_format=parts.memory_format))
-        logits, labels = accelerator.gather_for_metrics((logits.float(), labels))
+            logits = model(normalize(images).contiguous(memory_format=parts.memory_format)).float()
+            if hflip:
+                mirrored = normalize(images.flip(3)).contiguous(memory_format=parts.memory_format)
+                logits = (logits + model(mirrored).float()) / 2
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(num_classes, -1)
     model.train()

@@ -5,7 +5,8 @@
     python -m distcifar.evaluate owner/name --data.path ../shared/data/cifar10   # an export on the hub
 
 Prints accuracy, loss, per-class accuracy and the confusion matrix as a table, and as JSON to --output.
-Other options are config overrides (--data.path, --data.eval_limit, --train.eval_batch_size ...).
+Other options are config overrides (--data.path, --data.eval_limit, --train.eval_batch_size ...;
+--train.eval_hflip true averages each image's logits with its mirror image's).
 """
 
 from __future__ import annotations
@@ -106,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = build_accelerator(cfg)
     with accelerator.main_process_first():
         _, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
-    result = evaluate(accelerator, build(cfg, accelerator, eval_split, model=model), cfg.model.num_classes)
-    result.update(eval_split=eval_name, checkpoint=str(path), num_processes=accelerator.num_processes)
+    result = evaluate(accelerator, build(cfg, accelerator, eval_split, model=model), cfg.model.num_classes,
+                      cfg.train.eval_hflip)
+    result.update(eval_split=eval_name, checkpoint=str(path), num_processes=accelerator.num_processes,
+                  eval_hflip=cfg.train.eval_hflip)
     if accelerator.is_main_process:
         print(format_table(result))
         if args.output:

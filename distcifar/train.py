@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch_end, last = state.step % steps_per_epoch == 0, state.step == parts.total_steps
         eval_accuracy = None
         if last or (epoch_end and (state.step // steps_per_epoch) % cfg.train.eval_every_epochs == 0):
-            result = evaluate(accelerator, parts, cfg.model.num_classes)
+            result = evaluate(accelerator, parts, cfg.model.num_classes, cfg.train.eval_hflip)
             result.update(epoch=state.step / steps_per_epoch, eval_split=eval_name, train_seconds=state.train_seconds)
             eval_accuracy = result["eval_accuracy"]
             state.best_accuracy = max(state.best_accuracy or 0.0, eval_accuracy)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         leave(accelerator, 128 + exit_signal)
 
     if result is None:  # resumed from a finished run: nothing trained, evaluate once
-        result = evaluate(accelerator, parts, cfg.model.num_classes)
+        result = evaluate(accelerator, parts, cfg.model.num_classes, cfg.train.eval_hflip)
         result["eval_split"] = eval_name
     trained_seconds = state.train_seconds - seconds_before
     summary = {

@@ -9,7 +9,8 @@ In order, each result written to --out as soon as it is known (one JSON file per
              has native bf16): images/s of the bare PyTorch loop and of train.py's step, their ratio,
              and the data pipeline against the step
   default    configs/default.yaml on all of CIFAR-10: test accuracy and training seconds after every
-             epoch, the final accuracy, and the training seconds until the test accuracy first reached 93%
+             epoch, the final accuracy, and the training seconds until the test accuracy first reached 93%;
+             then the final model once more with mirror test-time augmentation (evaluate.py, seconds)
   seed       configs/seed.yaml (the coursework recipe: 80 epochs, 83.65% on one T4)
   variants   only if default ended under 93%: the changes its curves point to, one run each
   compile    the benchmark again with --train.compile true
@@ -30,6 +31,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -47,8 +49,9 @@ VARIANTS = {
     "default-dropout0": ["--model.dropout", "0.0"],
     "default-dropout0-lr0.2": ["--model.dropout", "0.0", "--optim.lr", "0.2"],
 }
+DRY_RUN_EVALUATE = ["--data.eval_limit", "500"]
 DRY_RUN_TRAIN = ["--model.block_channels", "[8,8,16,16,24,24]", "--model.classifier_hidden", "[32]",
-                 "--data.train_limit", "1024", "--data.eval_limit", "500", "--train.epochs", "2",
+                 "--data.train_limit", "1024", *DRY_RUN_EVALUATE, "--train.epochs", "2",
                  "--train.batch_size", "256", "--train.log_every", "2"]
 DRY_RUN_BENCHMARK = ["--quick", "--train.batch_size", "64"]  # the recipe's batch of 512 would outgrow a tiny dataset
 
@@ -103,6 +106,7 @@ class Check:
     def benchmark(self, name: str, extra: list[str]) -> dict | None:
         raw = Path(self.args.runs) / f"{name}.json"
         raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.unlink(missing_ok=True)
         command = [sys.executable, "-m", "distcifar.benchmark", "--config", "configs/default.yaml", *self.data,
                    *extra, *(DRY_RUN_BENCHMARK if self.args.dry_run else []), "--output", str(raw)]
         code = self.run(command)
@@ -128,17 +132,29 @@ class Check:
                 return None
             self.say(f"{name}: predicted {predicted:.0f} s, {self.left():.0f} s left")
         run_dir = Path(self.args.runs) / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a new measurement: nothing of an earlier one in its metrics
         command = [sys.executable, "-m", "distcifar.train", "--config", recipe, "--output_dir", str(run_dir),
                    "--resume", "never", "--tracking.report_to", "none", *self.data,
                    *(DRY_RUN_TRAIN if self.args.dry_run else []), *extra]
         code = self.run(command)
         result = self.header(recipe, command, code) | training_result(run_dir)
         result["overrides"] = extra
+        if result["finished"] and self.left() > 30:  # costs an evaluation, not a training run
+            result["test_accuracy_hflip"] = self.mirror_accuracy(run_dir)
         self.write(name, result)
         reached = result["seconds_to_93"]
-        self.say(f"{name}: test accuracy {result['test_accuracy']} after {len(result['epochs'])} evaluations, "
+        self.say(f"{name}: test accuracy {result['test_accuracy']} after {len(result['epochs'])} evaluations "
+                 f"({result.get('test_accuracy_hflip')} with mirror test-time augmentation), "
                  f"{'93% after %.1f s of training' % reached if reached is not None else '93% not reached'}")
         return result
+
+    def mirror_accuracy(self, run_dir: Path) -> float | None:
+        """The final model's test accuracy with mirror test-time augmentation (evaluate.py --train.eval_hflip)."""
+        output = run_dir / "eval_hflip.json"
+        code = self.run([sys.executable, "-m", "distcifar.evaluate", str(run_dir / "final"), *self.data,
+                         *(DRY_RUN_EVALUATE if self.args.dry_run else []),
+                         "--train.eval_hflip", "true", "--output", str(output)])
+        return json.loads(output.read_text())["eval_accuracy"] if code == 0 and output.exists() else None
 
     def epochs(self, recipe: str, extra: list[str]) -> int:
         """The run's epochs: the recipe's, or the last --train.epochs given."""

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from distcifar import tracking
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, OptimConfig
-from distcifar.data import Split
+from distcifar.data import Split, normalize
 from distcifar.engine import Parts, RunState, StepReport, build, evaluate, optimizer_steps, train_step
 from distcifar.runtime import build_accelerator, resolve_precision
 from support import TINY_MODEL_CONFIG
@@ -213,3 +213,18 @@ def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path,
     epochs = [row["train/epoch_seconds"] for row in rows if "train/epoch_seconds" in row]
     assert len(epochs) == 2 and sum(epochs) == pytest.approx(state.train_seconds)
     assert all(epoch < 4 * pause for epoch in epochs)  # each epoch's 4 pauses are left out
+
+
+def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accelerator):
+    generator = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))  # not mirror-invariant
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (6,), generator=generator)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    with torch.no_grad():
+        by_hand = (model(normalize(images)) + model(normalize(torch.flip(images, dims=[3])))) / 2
+    result = evaluate(accelerator, Parts(model, loader, torch.contiguous_format), num_classes=4, hflip=True)
+    assert result["eval_loss"] == pytest.approx(F.cross_entropy(by_hand, labels).item(), rel=1e-5)
+    assert result["eval_accuracy"] * 6 == (by_hand.argmax(1) == labels).sum().item()
+    plain = evaluate(accelerator, Parts(model, loader, torch.contiguous_format), num_classes=4)
+    assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-5)

@@ -32,6 +32,11 @@ def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_
     assert 0 < epochs[0]["train_seconds"] < epochs[1]["train_seconds"] == summary["train_seconds"]
     reached = [e["train_seconds"] for e in epochs if e["test_accuracy"] >= 0.93]
     assert default["seconds_to_93"] == (reached[0] if reached else None)
+    mirrored = json.loads((tmp_path / "runs" / "default" / "eval_hflip.json").read_text())
+    assert mirrored["eval_hflip"] and mirrored["eval_samples"] == summary["eval_samples"]
+    assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"]
 
     log = next(out.glob("*-cpu-log.txt")).read_text()
-    assert "-m distcifar.benchmark --config configs/default.yaml" in log and "-m distcifar.train --config configs/default.yaml" in log
+    for command in ("-m distcifar.benchmark --config configs/default.yaml", "-m distcifar.train --config configs/default.yaml",
+                    "-m distcifar.evaluate"):
+        assert command in log
