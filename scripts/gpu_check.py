@@ -38,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.93
 SEED_PUBLISHED = 0.8365  # the coursework's test accuracy with configs/seed.yaml's recipe, on one T4
@@ -162,8 +164,7 @@ class Check:
         given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--train.epochs"]
         if given:
             return int(given[-1])
-        found = re.search(r"^\s+epochs:\s*(\d+)", (ROOT / recipe).read_text(), re.MULTILINE)
-        return int(found.group(1)) if found else 40
+        return yaml.safe_load((ROOT / recipe).read_text()).get("train", {}).get("epochs", 40)  # 40: TrainConfig's
 
     def header(self, recipe: str, command: list[str], code: int) -> dict:
         return {"date": datetime.date.today().isoformat(), "device_name": self.device_name,
