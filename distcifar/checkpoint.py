@@ -292,44 +292,21 @@ class Checkpointer:
 
     def resume(self, resume: str, *, model, optimizer, scheduler) -> RunState:
         """The run state to start from: `resume` is auto (newest good checkpoint, if any), never, or a folder.
-        Collective: every rank resumes from the same checkpoint, the one the main process chose."""
+        Collective: every rank loads the checkpoint the main process chose, or every rank raises CheckpointError
+        (node-local disks: the main process's newest checkpoint is not on the other nodes)."""
         if resume == "never":
             return RunState()
-        path = self._agreed_checkpoint(resume)
+        path = self._chosen_checkpoint(resume)
         if path is None:
             return RunState()
-        weights_only = self.cfg.weights_only
-        state = self.load(path, model=model, optimizer=None if weights_only else optimizer, scheduler=scheduler)
-        if self.accelerator.is_main_process:
-            print(f"resumed from {path} at step {state.step}{' (weights only)' if weights_only else ''}", flush=True)
-        if weights_only:
-            return RunState()
-        self.saved_step = state.step
-        return state
-
-    def _agreed_checkpoint(self, resume: str) -> Path | None:
-        """The folder to resume from, the same on every rank (collective): with `auto` the main process picks
-        the newest and tells the others. Raises CheckpointError on every rank when some rank cannot read it
-        (node-local disks: the main process's newest checkpoint is not on the other nodes)."""
-        acc = self.accelerator
-        if resume == "auto":
-            newest = self.latest() if acc.is_main_process else None
-            chosen = [newest.name if newest else None]
-            if acc.num_processes > 1:
-                broadcast_object_list(chosen)
-            if chosen[0] is None:
-                return None
-            path = self.root / chosen[0]
-        else:
-            path = Path(resume)
+        acc, weights_only = self.accelerator, self.cfg.weights_only
         problem = None
-        if not path.is_dir():
-            problem = f"--resume {resume}: no such checkpoint folder (or use auto / never)"
-        elif not (resume == "auto" and acc.is_main_process):  # latest() has verified the main process's choice
-            try:
-                read_verified(path)
-            except CheckpointError as err:
-                problem = str(err)
+        try:
+            if not path.is_dir():
+                raise CheckpointError(f"--resume {resume}: no such checkpoint folder (or use auto / never)")
+            state = self.load(path, model=model, optimizer=None if weights_only else optimizer, scheduler=scheduler)
+        except CheckpointError as err:
+            problem = str(err)
         main_failed, failing_rank = (int(flag) for flag in agree(acc, acc.is_main_process and problem is not None,
                                                                  acc.process_index if problem else -1))
         if main_failed:
@@ -341,7 +318,22 @@ class Checkpointer:
                 f"process resumes from: to resume a multi-node run, {where} must be on a filesystem shared by all "
                 "nodes (or pass --resume never, or --resume a checkpoint folder every node can read)"
                 if acc.is_main_process else "")
-        return path
+        if acc.is_main_process:
+            print(f"resumed from {path} at step {state.step}{' (weights only)' if weights_only else ''}", flush=True)
+        if weights_only:
+            return RunState()
+        self.saved_step = state.step
+        return state
+
+    def _chosen_checkpoint(self, resume: str) -> Path | None:
+        """--resume PATH, or with `auto` the newest good checkpoint as the main process sees it, told to every rank."""
+        if resume != "auto":
+            return Path(resume)
+        newest = self.latest() if self.accelerator.is_main_process else None
+        chosen = [newest.name if newest else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(chosen)
+        return None if chosen[0] is None else self.root / chosen[0]
 
     def load(self, path: Path, *, model, optimizer=None, scheduler=None) -> RunState:
         """Restore into model and, unless optimizer is None (weights only), the optimizer, scheduler,

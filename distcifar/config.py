@@ -30,6 +30,17 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def repo_id_problem(name: str) -> str | None:
+    """Why `name` is not a hub repository id (owner/name), or None when it is one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        return str(err)
+    return None
+
+
 @dataclass
 class ModelConfig:
     block_convs: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 3, 3])
@@ -241,12 +252,8 @@ class Config:
 
     def __post_init__(self):
         if self.push_to_hub is not None:
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-            try:
-                validate_repo_id(self.push_to_hub)
-            except HFValidationError as err:
-                raise ConfigError(f"push_to_hub: '{self.push_to_hub}' is not a hub repository id such as owner/name ({err})") from None
+            problem = repo_id_problem(self.push_to_hub)
+            _check(problem is None, f"push_to_hub: '{self.push_to_hub}' is not a hub repository id such as owner/name ({problem})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

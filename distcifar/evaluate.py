@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 from safetensors.torch import load
 
 from distcifar.checkpoint import CheckpointError, read_verified
-from distcifar.config import ModelConfig, parse_config
+from distcifar.config import ModelConfig, parse_config, repo_id_problem
 from distcifar.data import CLASSES, load_splits
 from distcifar.engine import build, evaluate
 from distcifar.model import DistCifarNet
@@ -31,7 +31,7 @@ from distcifar.runtime import build_accelerator, leave
 
 def load_model(path: Path) -> DistCifarNet:
     """A DistCifarNet from a training checkpoint (step_* folder), an export (final/) or a hub repository id."""
-    if not path.exists() and _is_repo_id(str(path)):
+    if not path.exists() and repo_id_problem(str(path)) is None:
         return load_model(_hub_snapshot(str(path)))
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder (give a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)")
@@ -43,16 +43,6 @@ def load_model(path: Path) -> DistCifarNet:
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return DistCifarNet.from_pretrained(path)
     raise CheckpointError(f"{path}: neither a checkpoint (manifest.json) nor an export (model.safetensors + config.json)")
-
-
-def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def _hub_snapshot(repo_id: str) -> Path:

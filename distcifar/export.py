@@ -153,7 +153,7 @@ def _training(cfg, summary: dict | None) -> str:
         lines.append(
             f"- **Run**: {summary['global_step']} optimizer steps ({summary['epochs']:g} epochs) on "
             f"{summary['num_processes']} process(es), mixed precision {summary['mixed_precision']}, "
-            f"{summary.get('train_seconds', summary['wall_seconds']):.0f} s of training."
+            f"{summary['train_seconds']:.0f} s of training."
         )
     config = yaml.dump(cfg.to_dict(), Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False).strip()
     lines += ["", "The run's full configuration, a recipe for `distcifar/train.py --config`:", "",

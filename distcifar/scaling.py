@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distcifar.engine import wait_for_device
+
 # Effective all-reduce bandwidth (GB/s, 1e9 bytes) of the slowest link in the ring and its per-message
 # latency. Line rates for the networks (NCCL reaches roughly 80-95% of them); NVLink: H100 SXM
 # NVLink 4 as NCCL's all-reduce bus bandwidth commonly measures it on 8 GPUs.
@@ -147,11 +149,9 @@ def measure_all_reduce(payload_bytes: int, device: torch.device, repeats: int = 
     seconds = []
     for _ in range(repeats):
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        wait_for_device(device)
         started = time.perf_counter()
         dist.all_reduce(buffer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        wait_for_device(device)
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)

@@ -325,7 +325,6 @@ def main() -> None:
         cmd_whoami(args)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # ddp: the same few training steps under each set of ddp.* options, in one launch
 
