@@ -80,17 +80,25 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from distcifar import scaling, tracking
 from distcifar.checkpoint import Checkpointer
+from distcifar.cli import RunFailed, UsageError, entry_point
 from distcifar.config import parse_config
 from distcifar.data import Split, TrainBatches, load_splits
 from distcifar.engine import RunState, build, optimizer_steps, rank_weight_spread, wait_for_device
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer
-from distcifar.cli import RunFailed, UsageError, entry_point
 from distcifar.runtime import build_accelerator, hardware, leave
 
 # Tiny settings for --quick (CI): the network, batch and data shrink; explicit overrides still win.
-QUICK_OVERRIDES = ["--model.block_channels", "[8,8,16,16,32,32]", "--model.classifier_hidden", "[32]",
-                   "--train.batch_size", "32", "--data.train_limit", "1024"]
+QUICK_OVERRIDES = [
+    "--model.block_channels",
+    "[8,8,16,16,32,32]",
+    "--model.classifier_hidden",
+    "[32]",
+    "--train.batch_size",
+    "32",
+    "--data.train_limit",
+    "1024",
+]
 QUICK_COUNTS = dict(warmup=1, steps=2, repeats=1, data_steps=4)
 # On a GPU 5 steps take ~0.1 s: too short to time, and the first steps include cuDNN's algorithm search.
 GPU_COUNTS = dict(warmup=20, steps=100)
@@ -162,23 +170,45 @@ def data_loop(batches: TrainBatches):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps before timing (each loop; 20 on a GPU).")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="Untimed optimizer steps before timing (each loop; 20 on a GPU)."
+    )
     parser.add_argument("--steps", type=int, default=5, help="Optimizer steps per timed run (100 on a GPU).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs of each loop; the median is reported.")
     parser.add_argument("--data_steps", type=int, default=50, help="Micro-batches per timed run of the data pipeline.")
     parser.add_argument("--quick", action="store_true", help="Tiny model and counts: proves that it runs (CI).")
     parser.add_argument("--output", type=str, default=None, help="Also write the figures to this JSON file.")
-    parser.add_argument("--baseline", type=str, default=None,
-                        help="JSON of a one-process run of this benchmark (same config): speedup and scaling efficiency.")
-    parser.add_argument("--processes", type=str, default=None,
-                        help="Comma-separated process counts (e.g. 1,2,3): launch this benchmark once per count, one table.")
-    parser.add_argument("--predict", type=str, default=None,
-                        help="Comma-separated process counts: print the scaling model's efficiency for them.")
-    parser.add_argument("--bandwidth", type=str, default=",".join(scaling.LINKS),
-                        help=f"Comma-separated links for --predict: GB/s, or names ({', '.join(scaling.LINKS)}).")
+    parser.add_argument(
+        "--baseline",
+        type=str,
+        default=None,
+        help="JSON of a one-process run of this benchmark (same config): speedup and scaling efficiency.",
+    )
+    parser.add_argument(
+        "--processes",
+        type=str,
+        default=None,
+        help="Comma-separated process counts (e.g. 1,2,3): launch this benchmark once per count, one table.",
+    )
+    parser.add_argument(
+        "--predict",
+        type=str,
+        default=None,
+        help="Comma-separated process counts: print the scaling model's efficiency for them.",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=str,
+        default=",".join(scaling.LINKS),
+        help=f"Comma-separated links for --predict: GB/s, or names ({', '.join(scaling.LINKS)}).",
+    )
     parser.add_argument("--target", type=float, default=0.2, help="--predict: the communication share to stay under.")
-    parser.add_argument("--step_seconds", type=float, default=None,
-                        help="--predict from this compute time per optimizer step instead of measuring one.")
+    parser.add_argument(
+        "--step_seconds",
+        type=float,
+        default=None,
+        help="--predict from this compute time per optimizer step instead of measuring one.",
+    )
 
 
 def parse(argv: list[str]):
@@ -190,8 +220,9 @@ def parse(argv: list[str]):
         defaults += [f"--{name}={value}" for name, value in QUICK_COUNTS.items()]
     elif torch.cuda.is_available():
         defaults += [f"--{name}={value}" for name, value in GPU_COUNTS.items()]
-    cfg, args = parse_config(defaults + argv, prog="distcifar-benchmark", description=__doc__,
-                             add_arguments=add_arguments)
+    cfg, args = parse_config(
+        defaults + argv, prog="distcifar-benchmark", description=__doc__, add_arguments=add_arguments
+    )
     if min(args.steps, args.repeats, args.data_steps) < 1 or args.warmup < 0:
         raise UsageError("--steps, --repeats and --data_steps must be >= 1, --warmup >= 0")
     args.predict = counts(args.predict, "--predict")
@@ -212,7 +243,7 @@ def parse(argv: list[str]):
 
 
 def counts(text: str | None, option: str) -> list[int] | None:
-    """"1,2,3" -> [1, 2, 3]"""
+    """ "1,2,3" -> [1, 2, 3]"""
     if text is None:
         return None
     try:
@@ -258,13 +289,16 @@ def main(argv: list[str] | None = None) -> dict:
     parts = build(cfg, accelerator, eval_split, train_split)
     batches = parts.batches
     parameters = list(accelerator.unwrap_model(parts.model).parameters())
-    baseline = read_baseline(accelerator, args.baseline, cfg, sum(p.numel() for p in parameters)) if args.baseline else None
+    baseline = (
+        read_baseline(accelerator, args.baseline, cfg, sum(p.numel() for p in parameters)) if args.baseline else None
+    )
     run_hardware = hardware(accelerator)
     tracker = tracking.Tracker(accelerator, cfg, out, None, run_hardware)
     checkpoints = Checkpointer(accelerator, out / "checkpoints", cfg.checkpoint, cfg.to_dict())
     state = RunState(tracker_run_id=tracker.run_id)
-    loop = optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints,
-                           until=sys.maxsize)  # train.py's steps, exactly; one item per optimizer step
+    loop = optimizer_steps(
+        accelerator, parts, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints, until=sys.maxsize
+    )  # train.py's steps, exactly; one item per optimizer step
     startup_seconds = time.time() - launched
     first_step_seconds = timed(loop, 1, device)[0]
     launch_to_first_step = time.time() - launched
@@ -279,8 +313,16 @@ def main(argv: list[str] | None = None) -> dict:
         bare_model = torch.compile(bare_model)
     images = torch.randn(batches.micro_batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, cfg.model.num_classes, (batches.micro_batch,), device=device)
-    bare = bare_loop(bare_model, bare_optimizer, images, labels, cfg.train.grad_accum_steps, dtype,
-                     cfg.optim.label_smoothing, cfg.optim.grad_clip)
+    bare = bare_loop(
+        bare_model,
+        bare_optimizer,
+        images,
+        labels,
+        cfg.train.grad_accum_steps,
+        dtype,
+        cfg.optim.label_smoothing,
+        cfg.optim.grad_clip,
+    )
 
     # Warm up, then time them in turn -------------------------------------------------------------
     timed(bare, args.warmup, device)
@@ -295,8 +337,11 @@ def main(argv: list[str] | None = None) -> dict:
         timed(loops["nosync"], max(1, args.warmup), device)
         nosync_skips_all_reduce = before == 0.0 and rank_weight_spread(accelerator, parts.model) > 0.0
         if not nosync_skips_all_reduce:
-            accelerator.print("warning: the no-sync step did not leave the ranks different; its figure is not "
-                              "a step without communication", flush=True)
+            accelerator.print(
+                "warning: the no-sync step did not leave the ranks different; its figure is not "
+                "a step without communication",
+                flush=True,
+            )
         hook_active = comm_hook_active(ddp_model)
     images_per_step = batches.micro_batch * cfg.train.grad_accum_steps  # per process
     runs = {name: [] for loop_name in loops for name in (loop_name, f"{loop_name}_cpu")}
@@ -313,8 +358,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (wall, cpu) in spent.items():
             runs[name].append(args.steps * images_per_step / wall)
             runs[f"{name}_cpu"].append(cpu / args.steps)
-        accelerator.print(f"  run {repeat + 1}/{args.repeats}: " + ", ".join(
-            f"{name} {runs[name][-1]:.1f}" for name in loops) + " images/s per process", flush=True)
+        accelerator.print(
+            f"  run {repeat + 1}/{args.repeats}: "
+            + ", ".join(f"{name} {runs[name][-1]:.1f}" for name in loops)
+            + " images/s per process",
+            flush=True,
+        )
     del loops, bare, bare_model, bare_optimizer
 
     # The all-reduce of the uncompressed gradient alone: the link's bandwidth, for the model ---------
@@ -352,9 +401,13 @@ def main(argv: list[str] | None = None) -> dict:
     payload = scaling.gradient_bytes(parameters, cfg.ddp.comm_hook if hook_active else "none", cfg.ddp.powersgd_rank)
     compute_seconds = images_per_step / (median["nosync"] if world > 1 else median["loop"])
     link_gbps = scaling.ring_bytes(full_payload, world) / allreduce_seconds / 1e9 if world > 1 else None
-    predicted_share = (scaling.predict(compute_seconds, payload, world, link_gbps,
-                                       bucket_bytes=cfg.ddp.bucket_cap_mb * 2**20).communication_share
-                       if world > 1 else None)
+    predicted_share = (
+        scaling.predict(
+            compute_seconds, payload, world, link_gbps, bucket_bytes=cfg.ddp.bucket_cap_mb * 2**20
+        ).communication_share
+        if world > 1
+        else None
+    )
     speedup = total / baseline["loop_images_per_second"] if baseline else None
     result = {
         "bare_images_per_second": median["bare"],
@@ -419,7 +472,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.predict:
         result["prediction"], table = scaling.prediction_table(
-            compute_seconds, payload, args.predict, args.bandwidth, cfg.ddp.bucket_cap_mb * 2**20, args.target)
+            compute_seconds, payload, args.predict, args.bandwidth, cfg.ddp.bucket_cap_mb * 2**20, args.target
+        )
     if accelerator.is_main_process:
         print(report(result), flush=True)
         if args.predict:
@@ -452,14 +506,22 @@ def read_baseline(accelerator, path: str, cfg, parameters: int) -> dict:
             found[0] = {"error": f"--baseline {path}: {err}"}
     broadcast_object_list(found)
     baseline = found[0]
-    want = {"num_processes": 1, "batch_size": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
-            "model_parameters": parameters, "mixed_precision": accelerator.mixed_precision,
-            "channels_last": cfg.train.channels_last, "compile": cfg.train.compile}
+    want = {
+        "num_processes": 1,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "model_parameters": parameters,
+        "mixed_precision": accelerator.mixed_precision,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
+    }
     wrong = baseline.get("error") or ", ".join(
-        f"{key} {baseline.get(key)!r} (here {value!r})" for key, value in want.items() if baseline.get(key) != value)
+        f"{key} {baseline.get(key)!r} (here {value!r})" for key, value in want.items() if baseline.get(key) != value
+    )
     if wrong:
-        raise UsageError(f"--baseline must be a one-process run of the same config: {wrong}"
-                         if accelerator.is_main_process else "")
+        raise UsageError(
+            f"--baseline must be a one-process run of the same config: {wrong}" if accelerator.is_main_process else ""
+        )
     return baseline
 
 
@@ -467,12 +529,17 @@ def predict_only(args, cfg) -> dict:
     """--step_seconds: the model's table from a given compute time, for the configured network; nothing measured."""
     parameters = list(DistCifarNet(cfg.model).parameters())
     payload = scaling.gradient_bytes(parameters, cfg.ddp.comm_hook, cfg.ddp.powersgd_rank)
-    rows, table = scaling.prediction_table(args.step_seconds, payload, args.predict, args.bandwidth,
-                                           cfg.ddp.bucket_cap_mb * 2**20, args.target)
+    rows, table = scaling.prediction_table(
+        args.step_seconds, payload, args.predict, args.bandwidth, cfg.ddp.bucket_cap_mb * 2**20, args.target
+    )
     print(table, flush=True)
-    result = {"compute_seconds_per_step": args.step_seconds, "gradient_megabytes": payload / 1e6,
-              "model_parameters": sum(p.numel() for p in parameters), "ddp": dataclasses.asdict(cfg.ddp),
-              "prediction": rows}
+    result = {
+        "compute_seconds_per_step": args.step_seconds,
+        "gradient_megabytes": payload / 1e6,
+        "model_parameters": sum(p.numel() for p in parameters),
+        "ddp": dataclasses.asdict(cfg.ddp),
+        "prediction": rows,
+    }
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -500,8 +567,10 @@ def sweep(args, cfg, argv: list[str]) -> dict:
     uneven = [n for n in args.processes if batch % (n * accum)]
     if uneven:  # refuse before the first run rather than after it
         multiple = math.lcm(*args.processes) * accum
-        raise UsageError(f"--processes: train.batch_size {batch} does not split over {uneven} processes x {accum} "
-                         f"accumulation; use a multiple of {multiple} (e.g. --train.batch_size {multiple * 64})")
+        raise UsageError(
+            f"--processes: train.batch_size {batch} does not split over {uneven} processes x {accum} "
+            f"accumulation; use a multiple of {multiple} (e.g. --train.batch_size {multiple * 64})"
+        )
     root = Path(__file__).resolve().parent.parent
     accelerate_bin = Path(sys.executable).parent / "accelerate"
     launch_file = root / "launch" / ("multi_gpu.yaml" if torch.cuda.is_available() else "cpu_multi.yaml")
@@ -516,21 +585,44 @@ def sweep(args, cfg, argv: list[str]) -> dict:
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", 0))
                     port = sock.getsockname()[1]
-                command = [str(accelerate_bin) if accelerate_bin.exists() else "accelerate", "launch",
-                           "--config_file", str(launch_file), "--num_processes", str(n), "--main_process_port",
-                           str(port), "-m", "distcifar.benchmark", *child_args, "--output", str(output),
-                           "--baseline", str(Path(folder) / "1.json")]
+                command = [
+                    str(accelerate_bin) if accelerate_bin.exists() else "accelerate",
+                    "launch",
+                    "--config_file",
+                    str(launch_file),
+                    "--num_processes",
+                    str(n),
+                    "--main_process_port",
+                    str(port),
+                    "-m",
+                    "distcifar.benchmark",
+                    *child_args,
+                    "--output",
+                    str(output),
+                    "--baseline",
+                    str(Path(folder) / "1.json"),
+                ]
             print(f"== {n} process(es): {' '.join(command)}", flush=True)
             if subprocess.run(command, cwd=root).returncode != 0 or not output.exists():
                 raise RunFailed(f"the {n}-process benchmark failed (its output is above)")
             results[n] = json.loads(output.read_text())
     one = results[1]["loop_images_per_second"]
-    table = [{"processes": n, "threads_per_process": r["num_threads"], "images_per_second_per_process": r["loop_images_per_second"],
-              "total_images_per_second": r["total_images_per_second"], "speedup": r["total_images_per_second"] / one,
-              "scaling_efficiency": r["total_images_per_second"] / one / n,
-              "nosync_images_per_second": r["nosync_images_per_second"], "communication_share": r["communication_share"],
-              "predicted_communication_share": r["predicted_communication_share"], "link_gbps": r["link_gbps"],
-              "load_average": r["load_average"]} for n, r in results.items()]
+    table = [
+        {
+            "processes": n,
+            "threads_per_process": r["num_threads"],
+            "images_per_second_per_process": r["loop_images_per_second"],
+            "total_images_per_second": r["total_images_per_second"],
+            "speedup": r["total_images_per_second"] / one,
+            "scaling_efficiency": r["total_images_per_second"] / one / n,
+            "nosync_images_per_second": r["nosync_images_per_second"],
+            "communication_share": r["communication_share"],
+            "predicted_communication_share": r["predicted_communication_share"],
+            "link_gbps": r["link_gbps"],
+            "load_average": r["load_average"],
+        }
+        for n, r in results.items()
+    ]
     print(sweep_report(table), flush=True)
     combined = {"table": table, "runs": {str(n): r for n, r in results.items()}}
     if args.output:
@@ -540,16 +632,19 @@ def sweep(args, cfg, argv: list[str]) -> dict:
 
 def sweep_report(table: list[dict]) -> str:
     fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
-    lines = ["scaling: the same config on 1..N processes of this machine (per process unless total)",
-             f"  {'N':>3} {'threads':>7} {'images/s':>9} {'total':>8} {'speedup':>8} {'efficiency':>10} "
-             f"{'no-sync':>8} {'comm share':>10} {'model':>6} {'GB/s':>6}  load"]
+    lines = [
+        "scaling: the same config on 1..N processes of this machine (per process unless total)",
+        f"  {'N':>3} {'threads':>7} {'images/s':>9} {'total':>8} {'speedup':>8} {'efficiency':>10} "
+        f"{'no-sync':>8} {'comm share':>10} {'model':>6} {'GB/s':>6}  load",
+    ]
     for row in table:
         lines.append(
             f"  {row['processes']:>3} {row['threads_per_process']:>7} {row['images_per_second_per_process']:>9.1f} "
             f"{row['total_images_per_second']:>8.1f} {row['speedup']:>8.2f} {row['scaling_efficiency']:>10.2f} "
             f"{fmt(row['nosync_images_per_second'], '8.1f'):>8} {fmt(row['communication_share'], '10.1%'):>10} "
             f"{fmt(row['predicted_communication_share'], '6.1%'):>6} {fmt(row['link_gbps'], '6.2f'):>6}  "
-            f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f}")
+            f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -559,43 +654,78 @@ def report(r: dict) -> str:
     rows = [
         ("1. bare PyTorch step", f"{r['bare_images_per_second']:.1f} images/s", spread(runs["bare"], ".1f")),
         ("2. train.py step", f"{r['loop_images_per_second']:.1f} images/s", spread(runs["loop"], ".1f")),
-        ("3. data pipeline", f"{r['data_images_per_second']:.0f} images/s", f"{r['data_batches_per_second']:.1f} batches/s"),
-        ("4. checkpoint save", f"{r['checkpoint_save_seconds']:.3f} s",
-         f"{spread(runs['checkpoint_save'], '.3f')} ({r['checkpoint_megabytes']:.0f} MB)"),
+        (
+            "3. data pipeline",
+            f"{r['data_images_per_second']:.0f} images/s",
+            f"{r['data_batches_per_second']:.1f} batches/s",
+        ),
+        (
+            "4. checkpoint save",
+            f"{r['checkpoint_save_seconds']:.3f} s",
+            f"{spread(runs['checkpoint_save'], '.3f')} ({r['checkpoint_megabytes']:.0f} MB)",
+        ),
         ("   checkpoint load", f"{r['checkpoint_load_seconds']:.3f} s", spread(runs["checkpoint_load"], ".3f")),
-        ("5. launch -> first step", f"{r['startup_seconds']:.1f} s",
-         f"({r['imports_seconds']:.1f} s imports) + {r['first_step_seconds']:.1f} s first step "
-         f"= {r['launch_to_first_step_seconds']:.1f} s"),
+        (
+            "5. launch -> first step",
+            f"{r['startup_seconds']:.1f} s",
+            f"({r['imports_seconds']:.1f} s imports) + {r['first_step_seconds']:.1f} s first step "
+            f"= {r['launch_to_first_step_seconds']:.1f} s",
+        ),
     ]
     if r["dataset_load_seconds"] is not None:
         rows.append(("   of which dataset load", f"{r['dataset_load_seconds']:.1f} s", ""))
     rows.append(("loop / bare", f"{r['loop_vs_bare_ratio']:.3f}", f"run by run {spread(runs['loop_vs_bare'], '.3f')}"))
     if r["loop_vs_bare_cpu_ratio"] is not None:
-        rows.append(("loop / bare in CPU time", f"{r['loop_vs_bare_cpu_ratio']:.3f}",
-                     f"{r['bare_cpu_seconds_per_step']:.2f} vs {r['loop_cpu_seconds_per_step']:.2f} CPU s/step"))
+        rows.append(
+            (
+                "loop / bare in CPU time",
+                f"{r['loop_vs_bare_cpu_ratio']:.3f}",
+                f"{r['bare_cpu_seconds_per_step']:.2f} vs {r['loop_cpu_seconds_per_step']:.2f} CPU s/step",
+            )
+        )
     rows.append(("data / loop", f"{r['data_vs_step_ratio']:.1f}", ""))
     if r["num_processes"] > 1:
         n = r["num_processes"]
-        hook = r["ddp"]["comm_hook"] + ("" if r["comm_hook_active"] is not False else
-                                        " (in its warm-up: whole gradient; see ddp.powersgd_start_step)")
+        hook = r["ddp"]["comm_hook"] + (
+            ""
+            if r["comm_hook_active"] is not False
+            else " (in its warm-up: whole gradient; see ddp.powersgd_start_step)"
+        )
         rows += [
-            ("2b. train.py step, no grad sync", f"{r['nosync_images_per_second']:.1f} images/s",
-             spread(runs["nosync"], ".1f") + ("" if r["nosync_skips_all_reduce"] else "  (NOT checked: see warning)")),
-            ("communication share", f"{r['communication_share']:.1%}",
-             f"run by run {spread(runs['communication_share'], '.1%')}; model {r['predicted_communication_share']:.1%}"),
-            ("gradient all-reduce", f"{r['gradient_megabytes']:.1f} MB/step",
-             f"comm_hook {hook}; the fp32 gradient alone: {r['allreduce_seconds'] * 1e3:.0f} ms, "
-             f"{r['link_gbps']:.2f} GB/s bus bandwidth"),
-            (f"total over {n} processes", f"{r['total_images_per_second']:.1f} images/s",
-             "" if r["speedup"] is None else f"{r['speedup']:.2f} x one process ({r['baseline_images_per_second']:.1f}), "
-                                             f"scaling efficiency {r['scaling_efficiency']:.2f}"),
+            (
+                "2b. train.py step, no grad sync",
+                f"{r['nosync_images_per_second']:.1f} images/s",
+                spread(runs["nosync"], ".1f")
+                + ("" if r["nosync_skips_all_reduce"] else "  (NOT checked: see warning)"),
+            ),
+            (
+                "communication share",
+                f"{r['communication_share']:.1%}",
+                f"run by run {spread(runs['communication_share'], '.1%')}; model {r['predicted_communication_share']:.1%}",
+            ),
+            (
+                "gradient all-reduce",
+                f"{r['gradient_megabytes']:.1f} MB/step",
+                f"comm_hook {hook}; the fp32 gradient alone: {r['allreduce_seconds'] * 1e3:.0f} ms, "
+                f"{r['link_gbps']:.2f} GB/s bus bandwidth",
+            ),
+            (
+                f"total over {n} processes",
+                f"{r['total_images_per_second']:.1f} images/s",
+                ""
+                if r["speedup"] is None
+                else f"{r['speedup']:.2f} x one process ({r['baseline_images_per_second']:.1f}), "
+                f"scaling efficiency {r['scaling_efficiency']:.2f}",
+            ),
         ]
-    header = (f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, "
-              f"{r['num_processes']} process(es), precision {r['mixed_precision']}, channels_last "
-              f"{r['channels_last']}, compile {r['compile']}\nbatch {r['batch_size']} = {r['micro_batch_size']} "
-              f"per device x {r['grad_accum_steps']} accumulation x {r['num_processes']} | {r['model_parameters'] / 1e6:.2f}M "
-              f"parameters | {r['data']} | {r['repetitions']} x {r['steps']} steps after {r['warmup']} warm-up | "
-              f"load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}")
+    header = (
+        f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, "
+        f"{r['num_processes']} process(es), precision {r['mixed_precision']}, channels_last "
+        f"{r['channels_last']}, compile {r['compile']}\nbatch {r['batch_size']} = {r['micro_batch_size']} "
+        f"per device x {r['grad_accum_steps']} accumulation x {r['num_processes']} | {r['model_parameters'] / 1e6:.2f}M "
+        f"parameters | {r['data']} | {r['repetitions']} x {r['steps']} steps after {r['warmup']} warm-up | "
+        f"load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}"
+    )
     width = max(len(name) for name, _, _ in rows)
     lines = [f"  {name:<{width}}  {value:>16}   {detail}".rstrip() for name, value, detail in rows]
     targets = "  targets (seed network, batch 128, 2-core CPU): loop / bare >= 0.95, data / loop >= 20, save <= 0.5 s"

@@ -151,7 +151,9 @@ def read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
         except FileNotFoundError:
             raise CheckpointError(f"{path}: {name} is missing") from None
         if len(data) != expected["bytes"]:
-            raise CheckpointError(f"{path}: {name} has {len(data)} bytes, manifest says {expected['bytes']} (truncated?)")
+            raise CheckpointError(
+                f"{path}: {name} has {len(data)} bytes, manifest says {expected['bytes']} (truncated?)"
+            )
         if hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise CheckpointError(f"{path}: {name} fails its sha256 check (corrupt)")
         blobs[name] = data
@@ -220,16 +222,23 @@ class Checkpointer:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         opt_tensors, opt_meta = optimizer_to_files(optimizer.state_dict())
         rng_tensors = {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))}
-        full_state = {"run_state": dataclasses.asdict(state), "world_size": acc.num_processes, "config": self.run_config,
-                      "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+        full_state = {
+            "run_state": dataclasses.asdict(state),
+            "world_size": acc.num_processes,
+            "config": self.run_config,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        }
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
             files = {
                 "model.safetensors": _write_tensors(tmp / "model.safetensors", weights),
-                "optimizer.safetensors": _write_tensors(tmp / "optimizer.safetensors", {k: v.cpu() for k, v in opt_tensors.items()}),
+                "optimizer.safetensors": _write_tensors(
+                    tmp / "optimizer.safetensors", {k: v.cpu() for k, v in opt_tensors.items()}
+                ),
                 "rng.safetensors": _write_tensors(tmp / "rng.safetensors", rng_tensors),
                 "state.json": _write(tmp / "state.json", json.dumps(full_state, indent=1).encode()),
             }
@@ -252,16 +261,22 @@ class Checkpointer:
         if not self.accelerator.is_main_process:
             return ""  # the main process says it
         needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        needed += sum(v.numel() * v.element_size() for per in optimizer.state_dict()["state"].values()
-                      for v in per.values() if isinstance(v, torch.Tensor))
+        needed += sum(
+            v.numel() * v.element_size()
+            for per in optimizer.state_dict()["state"].values()
+            for v in per.values()
+            if isinstance(v, torch.Tensor)
+        )
         try:
             free = f", {shutil.disk_usage(self.root).free / 1e6:.1f} MB free"
         except OSError:
             free = ""
         reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-        return (f"could not write checkpoint {final.name} to {self.root} ({reason}; it needs about "
-                f"{needed / 1e6:.1f} MB{free}). The half-written copy was removed and the earlier checkpoints are "
-                "intact: free some space, then run the same command to resume from the newest one")
+        return (
+            f"could not write checkpoint {final.name} to {self.root} ({reason}; it needs about "
+            f"{needed / 1e6:.1f} MB{free}). The half-written copy was removed and the earlier checkpoints are "
+            "intact: free some space, then run the same command to resume from the newest one"
+        )
 
     def _prune(self) -> None:
         dirs = step_dirs(self.root)
@@ -307,8 +322,10 @@ class Checkpointer:
             state = self.load(path, model=model, optimizer=None if weights_only else optimizer, scheduler=scheduler)
         except CheckpointError as err:
             problem = str(err)
-        main_failed, failing_rank = (int(flag) for flag in agree(acc, acc.is_main_process and problem is not None,
-                                                                 acc.process_index if problem else -1))
+        main_failed, failing_rank = (
+            int(flag)
+            for flag in agree(acc, acc.is_main_process and problem is not None, acc.process_index if problem else -1)
+        )
         if main_failed:
             raise CheckpointError(problem if acc.is_main_process else "")
         if failing_rank >= 0:
@@ -317,7 +334,9 @@ class Checkpointer:
                 f"rank {failing_rank} cannot read checkpoint {path} (missing or damaged on its node), which the main "
                 f"process resumes from: to resume a multi-node run, {where} must be on a filesystem shared by all "
                 "nodes (or pass --resume never, or --resume a checkpoint folder every node can read)"
-                if acc.is_main_process else "")
+                if acc.is_main_process
+                else ""
+            )
         if acc.is_main_process:
             print(f"resumed from {path} at step {state.step}{' (weights only)' if weights_only else ''}", flush=True)
         if weights_only:
@@ -342,7 +361,9 @@ class Checkpointer:
         saved = json.loads(blobs["state.json"])
         missing = [key for key in STATE_FIELDS if key not in saved]
         if missing:
-            raise CheckpointError(f"{path}: state.json has no field '{missing[0]}' (made by another program or edited by hand?)")
+            raise CheckpointError(
+                f"{path}: state.json has no field '{missing[0]}' (made by another program or edited by hand?)"
+            )
         check_compatible(saved["config"], self.run_config, weights_only=optimizer is None)
         model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         load_fitting(path, model, load(blobs["model.safetensors"]))
@@ -381,8 +402,10 @@ def load_fitting(path, model: torch.nn.Module, tensors: dict[str, torch.Tensor])
         if name not in tensors:
             raise CheckpointError(f"{path}: model.safetensors has no tensor '{name}' (a checkpoint of another model?)")
         if tensors[name].shape != tensor.shape:
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model expects "
-                                  f"{tuple(tensor.shape)} (a checkpoint of another model?)")
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model expects "
+                f"{tuple(tensor.shape)} (a checkpoint of another model?)"
+            )
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{path}: model.safetensors has a tensor '{unexpected[0]}' that the model does not have")

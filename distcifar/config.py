@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -58,11 +59,15 @@ class ModelConfig:
     num_classes: int = 10
 
     def __post_init__(self):
-        _check(len(self.block_convs) == len(self.block_channels) == len(self.block_halve) > 0,
-               "model.block_convs, model.block_channels and model.block_halve must be non-empty lists of one length")
+        _check(
+            len(self.block_convs) == len(self.block_channels) == len(self.block_halve) > 0,
+            "model.block_convs, model.block_channels and model.block_halve must be non-empty lists of one length",
+        )
         _check(self.expert_reduction > 0, f"model.expert_reduction must be > 0, got {self.expert_reduction}")
-        _check(min(self.block_convs) >= 1 and min(self.block_channels) >= self.expert_reduction,
-               "model.block_convs must be >= 1 and model.block_channels >= model.expert_reduction")
+        _check(
+            min(self.block_convs) >= 1 and min(self.block_channels) >= self.expert_reduction,
+            "model.block_convs must be >= 1 and model.block_channels >= model.expert_reduction",
+        )
         _check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.num_classes > 1, f"model.num_classes must be > 1, got {self.num_classes}")
 
@@ -157,12 +162,22 @@ class TrainConfig:
     """A rank that stops answering ends the job after this many seconds."""
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every",
-                     "eval_every_epochs", "collective_timeout_s"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum_steps",
+            "eval_batch_size",
+            "log_every",
+            "eval_every_epochs",
+            "collective_timeout_s",
+        ):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
-        _check(self.batch_size % self.grad_accum_steps == 0,
-               f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum_steps ({self.grad_accum_steps})")
+        _check(
+            self.batch_size % self.grad_accum_steps == 0,
+            f"train.batch_size ({self.batch_size}) must be divisible by "
+            f"train.grad_accum_steps ({self.grad_accum_steps})",
+        )
 
 
 @dataclass
@@ -205,8 +220,11 @@ class DDPConfig:
 
     def __post_init__(self):
         _check(self.powersgd_rank >= 1, f"ddp.powersgd_rank must be >= 1, got {self.powersgd_rank}")
-        _check(self.powersgd_start_step >= 2,
-               f"ddp.powersgd_start_step must be >= 2 (PowerSGD's error feedback needs it), got {self.powersgd_start_step}")
+        _check(
+            self.powersgd_start_step >= 2,
+            "ddp.powersgd_start_step must be >= 2 (PowerSGD's error feedback needs it), "
+            f"got {self.powersgd_start_step}",
+        )
         _check(self.bucket_cap_mb > 0, f"ddp.bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
 
 
@@ -253,7 +271,10 @@ class Config:
     def __post_init__(self):
         if self.push_to_hub is not None:
             problem = repo_id_problem(self.push_to_hub)
-            _check(problem is None, f"push_to_hub: '{self.push_to_hub}' is not a hub repository id such as owner/name ({problem})")
+            _check(
+                problem is None,
+                f"push_to_hub: '{self.push_to_hub}' is not a hub repository id such as owner/name ({problem})",
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,16 +295,21 @@ def config_from_dict(tree: dict) -> Config:
     """Rebuild a Config from its `to_dict()` form (as stored in checkpoints and config.json)."""
     sections = typing.get_type_hints(Config)
     try:
-        return Config(**{key: sections[key](**value) if isinstance(value, dict) else value for key, value in tree.items()})
+        return Config(
+            **{key: sections[key](**value) if isinstance(value, dict) else value for key, value in tree.items()}
+        )
     except (KeyError, TypeError) as err:
         raise ConfigError(f"a stored config does not fit this version of distcifar ({err})") from None
 
 
-def parse_config(argv: list[str], *, prog: str, description: str,
-                 add_arguments: Callable[[ArgumentParser], None] | None = None) -> tuple[Config, Namespace]:
+def parse_config(
+    argv: list[str], *, prog: str, description: str, add_arguments: Callable[[ArgumentParser], None] | None = None
+) -> tuple[Config, Namespace]:
     """(Config, the namespace of the entry point's own arguments) from the command line."""
     parser = make_parser(prog, description)
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/); later options override it.")
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A YAML recipe (see configs/); later options override it."
+    )
     parser.add_class_arguments(Config, as_group=False)
     if add_arguments:
         add_arguments(parser)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distcifar.config import DataConfig
 from distcifar.cli import UsageError
+from distcifar.config import DataConfig
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -42,7 +42,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int) -> "Split":
+    def head(self, n: int) -> Split:
         return Split(self.images[:n], self.labels[:n]) if n else self
 
 
@@ -87,7 +87,10 @@ def load_dataset_dict(cfg: DataConfig):
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not path.exists():
-            raise DataError(f"data.path '{cfg.path}' does not exist; give a folder of parquet files, a file, or a save_to_disk folder")
+            raise DataError(
+                f"data.path '{cfg.path}' does not exist; give a folder of parquet files, a file, "
+                "or a save_to_disk folder"
+            )
         try:
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 loaded = datasets.load_from_disk(str(path))
@@ -109,7 +112,9 @@ def load_dataset_dict(cfg: DataConfig):
             return datasets.load_dataset(cfg.name)
     except (ConnectionError, FileNotFoundError, OSError) as err:
         why = "the Hugging Face hub cannot be reached" if offline else "loading from the hub failed"
-        raise DataError(f"dataset '{cfg.name}': {why} and it is not in the cache ({type(err).__name__}); {hint}") from None
+        raise DataError(
+            f"dataset '{cfg.name}': {why} and it is not in the cache ({type(err).__name__}); {hint}"
+        ) from None
 
 
 def _decode(ds, split_name: str, num_classes: int) -> Split:
@@ -190,7 +195,10 @@ def load_splits(cfg: DataConfig, num_classes: int = 10) -> tuple[Split, Split, s
     else:
         eval_name = "test" if "test" in dsd else None
         if eval_name is None:
-            raise DataError(f"the dataset has no 'test' split (found {list(dsd)}); set --data.val_size N to hold out N training images")
+            raise DataError(
+                f"the dataset has no 'test' split (found {list(dsd)}); "
+                "set --data.val_size N to hold out N training images"
+            )
         evaluation = decoded_split(dsd[eval_name], eval_name, cfg, num_classes)
     return train.head(cfg.train_limit), evaluation.head(cfg.eval_limit), eval_name
 
@@ -206,8 +214,10 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images, or floats in [0, 1], standardised with the CIFAR-10 mean and std."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
     if x.device not in _MEAN_STD:  # made once per device: a host-to-device copy per call would sync a GPU
-        _MEAN_STD[x.device] = (torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1),
-                               torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1))
+        _MEAN_STD[x.device] = (
+            torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1),
+            torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1),
+        )
     mean, std = _MEAN_STD[x.device]
     return (x - mean) / std
 
@@ -263,8 +273,19 @@ class TrainBatches:
     epoch's permutation, which are dropped (drop_last) so that every step sees a full global batch.
     """
 
-    def __init__(self, train: Split, cfg: DataConfig, *, batch_size: int, grad_accum_steps: int,
-                 rank: int, world_size: int, seed: int, device, channels_last: bool):
+    def __init__(
+        self,
+        train: Split,
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        grad_accum_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device,
+        channels_last: bool,
+    ):
         if batch_size % (grad_accum_steps * world_size):
             raise DataError(
                 f"train.batch_size ({batch_size}) must be divisible by processes x grad_accum_steps "

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,9 @@ def check_finite(model: torch.nn.Module, step: int) -> None:
     """Raise TrainingDiverged if any weight or buffer is NaN or infinite (one host sync)."""
     floats = [t for t in model.state_dict().values() if t.is_floating_point()]
     if not torch.stack([t.isfinite().all() for t in floats]).all():
-        raise TrainingDiverged(f"training diverged by step {step}: the weights hold NaN or infinite values; {DIVERGED_HINT}")
-
+        raise TrainingDiverged(
+            f"training diverged by step {step}: the weights hold NaN or infinite values; {DIVERGED_HINT}"
+        )
 
 
 def wait_for_device(device: torch.device) -> None:
@@ -71,32 +72,54 @@ class Parts:
     total_steps: int = 0  # of the whole run: epochs x steps per epoch, or train.max_steps
 
 
-def build(cfg: Config, accelerator, evaluation: Split, train: Split | None = None,
-          model: torch.nn.Module | None = None) -> Parts:
+def build(
+    cfg: Config, accelerator, evaluation: Split, train: Split | None = None, model: torch.nn.Module | None = None
+) -> Parts:
     """Model, eval loader and, given a training split, optimizer, scheduler and batches, prepared."""
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model if model is not None else DistCifarNet(cfg.model)
     if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
-            raise ConfigError("train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm refuses CPU tensors); "
-                              "set it false for a CPU run" if accelerator.is_main_process else "")
+            raise ConfigError(
+                "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm refuses CPU tensors); "
+                "set it false for a CPU run"
+                if accelerator.is_main_process
+                else ""
+            )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(memory_format=memory_format)
     eval_loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(evaluation.images, evaluation.labels), batch_size=cfg.train.eval_batch_size)
+        torch.utils.data.TensorDataset(evaluation.images, evaluation.labels), batch_size=cfg.train.eval_batch_size
+    )
     if train is None:
         model, eval_loader = accelerator.prepare(model, eval_loader)
         return Parts(model, eval_loader, memory_format)
-    batches = TrainBatches(train, cfg.data, batch_size=cfg.train.batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-                           rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
-                           device=accelerator.device, channels_last=cfg.train.channels_last)
+    batches = TrainBatches(
+        train,
+        cfg.data,
+        batch_size=cfg.train.batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.train.seed,
+        device=accelerator.device,
+        channels_last=cfg.train.channels_last,
+    )
     total_steps = cfg.train.epochs * batches.steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, batches.steps_per_epoch, total_steps)
     model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
     if cfg.train.compile:
         model = torch.compile(model)
-    return Parts(model, eval_loader, memory_format, optimizer, scheduler, batches, min(total_steps, cfg.train.max_steps or total_steps))
+    return Parts(
+        model,
+        eval_loader,
+        memory_format,
+        optimizer,
+        scheduler,
+        batches,
+        min(total_steps, cfg.train.max_steps or total_steps),
+    )
 
 
 def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, want_grad_norm: bool):
@@ -124,8 +147,9 @@ class StepReport:
     timer_due: bool = False  # checkpoint.every_minutes has passed on some rank, agreed by all
 
 
-def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, tracker, stop, checkpoints,
-                    until: int | None = None) -> Iterator[StepReport]:
+def optimizer_steps(
+    accelerator, parts: Parts, cfg: Config, state: RunState, *, tracker, stop, checkpoints, until: int | None = None
+) -> Iterator[StepReport]:
     """Take optimizer steps from `state.step` to `until` (default: the run's end), advancing `state`
     and logging every train.log_every steps; yield a StepReport after each step. `stop` is the
     process's StopRequest (None: nothing to stop for, as in the benchmark).
@@ -145,7 +169,9 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
     resumed = time.monotonic()  # when the driver last handed control back
     while state.step < until:
         logging_step = (state.step + 1) % cfg.train.log_every == 0
-        loss, grad_norm = train_step(accelerator, model, optimizer, batches.at_step(state.step), cfg.optim, logging_step)
+        loss, grad_norm = train_step(
+            accelerator, model, optimizer, batches.at_step(state.step), cfg.optim, logging_step
+        )
         loss_sum += loss
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
@@ -156,10 +182,15 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
         if logging_step:  # reading the loss waits for the step, so the clock below counts work done
             train_loss = accelerator.reduce(loss_sum, "mean").item() / window_steps
             if not math.isfinite(train_loss):  # the same value on every rank: all stop
-                raise TrainingDiverged(f"training diverged at step {state.step}: the train loss is {train_loss}; "
-                                       f"{DIVERGED_HINT}")
-            report.metrics = {"train/epoch": state.step / steps_per_epoch, "train/loss": train_loss,
-                              "train/lr": lr, "train/grad_norm": float(grad_norm)}
+                raise TrainingDiverged(
+                    f"training diverged at step {state.step}: the train loss is {train_loss}; {DIVERGED_HINT}"
+                )
+            report.metrics = {
+                "train/epoch": state.step / steps_per_epoch,
+                "train/loss": train_loss,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+            }
             if world > 1:  # DDP keeps ranks identical; check it rather than assume it
                 report.metrics["train/rank_weight_max_diff"] = rank_weight_spread(accelerator, model)
         elif epoch_end:
@@ -172,14 +203,23 @@ def optimizer_steps(accelerator, parts: Parts, cfg: Config, state: RunState, *, 
         state.wall_seconds = wall_before + now - started
         if logging_step:
             images_per_second = window_steps * cfg.train.batch_size / (state.train_seconds - window_started)
-            report.metrics.update({"train/images_per_second": images_per_second,
-                                   "train/images_per_second_per_process": images_per_second / world})
+            report.metrics.update(
+                {
+                    "train/images_per_second": images_per_second,
+                    "train/images_per_second_per_process": images_per_second / world,
+                }
+            )
             tracker.log(report.metrics, step=state.step)
             loss_sum.zero_()
             window_steps, window_started = 0, state.train_seconds
         if epoch_end:
-            tracker.log({"train/epoch_seconds": state.train_seconds - epoch_started,
-                         "train/epoch": state.step / steps_per_epoch}, step=state.step)
+            tracker.log(
+                {
+                    "train/epoch_seconds": state.train_seconds - epoch_started,
+                    "train/epoch": state.step / steps_per_epoch,
+                },
+                step=state.step,
+            )
             epoch_started = state.train_seconds
         yield report
         resumed = time.monotonic()
@@ -201,7 +241,9 @@ def evaluate(accelerator, parts: Parts, num_classes: int, hflip: bool = False) -
                 logits = (logits + model(mirrored).float()) / 2
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(num_classes, -1)
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
+            num_classes, -1
+        )
     model.train()
     confusion = confusion.cpu()
     samples = int(confusion.sum())

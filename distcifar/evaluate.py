@@ -21,11 +21,11 @@ if __package__ in (None, ""):
 from safetensors.torch import load
 
 from distcifar.checkpoint import CheckpointError, read_verified
+from distcifar.cli import entry_point
 from distcifar.config import ModelConfig, parse_config, repo_id_problem
 from distcifar.data import CLASSES, load_splits
 from distcifar.engine import build, evaluate
 from distcifar.model import DistCifarNet
-from distcifar.cli import entry_point
 from distcifar.runtime import build_accelerator, leave
 
 
@@ -34,7 +34,9 @@ def load_model(path: Path) -> DistCifarNet:
     if not path.exists() and repo_id_problem(str(path)) is None:
         return load_model(_hub_snapshot(str(path)))
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such folder (give a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)")
+        raise CheckpointError(
+            f"{path}: no such folder (give a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)"
+        )
     if (path / "manifest.json").exists():
         _, blobs = read_verified(path)
         model = DistCifarNet(ModelConfig(**json.loads(blobs["state.json"])["config"]["model"]))
@@ -42,7 +44,9 @@ def load_model(path: Path) -> DistCifarNet:
         return model
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return DistCifarNet.from_pretrained(path)
-    raise CheckpointError(f"{path}: neither a checkpoint (manifest.json) nor an export (model.safetensors + config.json)")
+    raise CheckpointError(
+        f"{path}: neither a checkpoint (manifest.json) nor an export (model.safetensors + config.json)"
+    )
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -82,25 +86,38 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("weights", type=str, help="A checkpoints/step_* folder, an export such as OUTPUT_DIR/final, or "
-                        "a hub model id (owner/name) of an export, read from the Hugging Face cache when it is there.")
+    parser.add_argument(
+        "weights",
+        type=str,
+        help="A checkpoints/step_* folder, an export such as OUTPUT_DIR/final, or "
+        "a hub model id (owner/name) of an export, read from the Hugging Face cache when it is there.",
+    )
     parser.add_argument("--output", type=str, default=None, help="Also write the result as JSON to this file.")
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse_config(sys.argv[1:] if argv is None else argv, prog="distcifar-evaluate",
-                             description=__doc__, add_arguments=add_arguments)
+    cfg, args = parse_config(
+        sys.argv[1:] if argv is None else argv,
+        prog="distcifar-evaluate",
+        description=__doc__,
+        add_arguments=add_arguments,
+    )
     path = Path(args.weights)
     model = load_model(path)
     cfg.model = model.config
     accelerator = build_accelerator(cfg)
     with accelerator.main_process_first():
         _, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
-    result = evaluate(accelerator, build(cfg, accelerator, eval_split, model=model), cfg.model.num_classes,
-                      cfg.train.eval_hflip)
-    result.update(eval_split=eval_name, checkpoint=str(path), num_processes=accelerator.num_processes,
-                  eval_hflip=cfg.train.eval_hflip)
+    result = evaluate(
+        accelerator, build(cfg, accelerator, eval_split, model=model), cfg.model.num_classes, cfg.train.eval_hflip
+    )
+    result.update(
+        eval_split=eval_name,
+        checkpoint=str(path),
+        num_processes=accelerator.num_processes,
+        eval_hflip=cfg.train.eval_hflip,
+    )
     if accelerator.is_main_process:
         print(format_table(result))
         if args.output:

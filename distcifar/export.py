@@ -44,9 +44,13 @@ def check_push(cfg) -> None:
     from huggingface_hub import constants, get_token
 
     if constants.HF_HUB_OFFLINE:
-        raise PushUnavailable(f"--push_to_hub {cfg.push_to_hub} needs the hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
+        raise PushUnavailable(
+            f"--push_to_hub {cfg.push_to_hub} needs the hub, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub"
+        )
     if get_token() is None:
-        raise PushUnavailable(f"--push_to_hub {cfg.push_to_hub} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        raise PushUnavailable(
+            f"--push_to_hub {cfg.push_to_hub} needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"
+        )
 
 
 def push(accelerator, folder: Path, cfg) -> str | None:
@@ -61,15 +65,22 @@ def push(accelerator, folder: Path, cfg) -> str | None:
         api = HfApi()
         try:
             api.create_repo(cfg.push_to_hub, repo_type="model", private=cfg.hub.private, exist_ok=True)
-            commit = api.upload_folder(repo_id=cfg.push_to_hub, folder_path=folder, repo_type="model",
-                                       commit_message=f"distcifar: export of {Path(cfg.output_dir).name}")
+            commit = api.upload_folder(
+                repo_id=cfg.push_to_hub,
+                folder_path=folder,
+                repo_type="model",
+                commit_message=f"distcifar: export of {Path(cfg.output_dir).name}",
+            )
             url = f"{api.endpoint}/{cfg.push_to_hub}"
             print_once(f"pushed {folder} to {url} ({commit.oid[:10]})")
         except Exception as err:  # whatever the hub client raises: the run's results are already on disk
             detail = " ".join(str(err).split())[:300]
             private = " --private" if cfg.hub.private else ""
-            failure = (f"could not push {folder} to the hub repository {cfg.push_to_hub} ({type(err).__name__}: {detail}); "
-                       f"the run and its export are complete: upload later with `hf upload {cfg.push_to_hub} {folder}{private}`")
+            failure = (
+                f"could not push {folder} to the hub repository {cfg.push_to_hub} ({type(err).__name__}: {detail}); "
+                "the run and its export are complete: upload later with "
+                f"`hf upload {cfg.push_to_hub} {folder}{private}`"
+            )
     if agree(accelerator, bool(failure))[0]:
         raise PushFailed(failure)  # empty on the other ranks: the main process says it once
     return url
@@ -83,7 +94,9 @@ class _RecipeDumper(yaml.SafeDumper):
     """Block-style YAML with lists on one line, as the recipes in configs/ are written."""
 
 
-_RecipeDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+_RecipeDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
 
 
 def _architecture(model) -> str:
@@ -93,21 +106,27 @@ def _architecture(model) -> str:
         size = size // 2 if halve else size
         rows.append(f"| {i} | {convs} | {channels} | {'yes' if halve else 'no'} | {size}x{size} |")
     hidden = " -> ".join(str(h) for h in c.classifier_hidden) or "none"
-    return "\n".join([
-        "- **Stem**: conv 3->12 (3x3), ReLU, conv 12->32 (3x3), ReLU, 4x4 average pool with stride 2 (32x32 -> 16x16).",
-        f"- **{len(c.block_convs)} blocks.** Each runs a chain of conv (3x3) -> ReLU -> BatchNorm layers and adds up their "
-        f"outputs, each weighted per image by an *expert branch* (global average pool -> FC (channels -> channels/"
-        f"{c.expert_reduction}) -> ReLU -> FC -> softmax over the block's conv layers), plus a 1x1 conv skip; then ReLU "
-        "and, where the block halves the size, 2x2 average pooling.",
-        "",
-        "| block | conv layers | output channels | halves | output size |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        f"- **Classifier**: 2x2 adaptive average pool, flatten, hidden fully connected layers {hidden} (ReLU, dropout "
-        f"{c.dropout} after each), then {c.num_classes} logits.",
-        f"- **Parameters**: {sum(p.numel() for p in model.parameters()):,} (plus BatchNorm running statistics).",
-    ])
+    return "\n".join(
+        [
+            "- **Stem**: conv 3->12 (3x3), ReLU, conv 12->32 (3x3), ReLU, 4x4 average pool with stride 2 "
+            "(32x32 -> 16x16).",
+            f"- **{len(c.block_convs)} blocks.** Each runs a chain of conv (3x3) -> ReLU -> BatchNorm layers and adds "
+            "up their "
+            f"outputs, each weighted per image by an *expert branch* (global average pool -> FC (channels -> channels/"
+            f"{c.expert_reduction}) -> ReLU -> FC -> softmax over the block's conv layers), plus a 1x1 conv skip; "
+            "then ReLU "
+            "and, where the block halves the size, 2x2 average pooling.",
+            "",
+            "| block | conv layers | output channels | halves | output size |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"- **Classifier**: 2x2 adaptive average pool, flatten, hidden fully connected layers {hidden} "
+            "(ReLU, dropout "
+            f"{c.dropout} after each), then {c.num_classes} logits.",
+            f"- **Parameters**: {sum(p.numel() for p in model.parameters()):,} (plus BatchNorm running statistics).",
+        ]
+    )
 
 
 def _usage(location: str) -> str:
@@ -134,18 +153,24 @@ print(classes[int(probabilities.argmax())], f"{{float(probabilities.max()):.1%}}
 def _training(cfg, summary: dict | None) -> str:
     o, t, d = cfg.optim, cfg.train, cfg.data
     source = f"the hub dataset `{d.name}`" if not d.path else "a local copy of CIFAR-10 (`data.path`)"
-    limits = (f", the first {d.train_limit} training images" if d.train_limit else "") + \
-             (f", {d.val_size} training images held out for validation" if d.val_size else "")
-    optimizer = {"sgd": f"SGD (momentum {o.momentum}{', Nesterov' if o.nesterov else ''})", "adam": "Adam",
-                 "adamw": "AdamW"}[o.name]
+    limits = (f", the first {d.train_limit} training images" if d.train_limit else "") + (
+        f", {d.val_size} training images held out for validation" if d.val_size else ""
+    )
+    optimizer = {
+        "sgd": f"SGD (momentum {o.momentum}{', Nesterov' if o.nesterov else ''})",
+        "adam": "Adam",
+        "adamw": "AdamW",
+    }[o.name]
     lines = [
         f"- **Data**: {source}{limits}; augmentation on the device: {', '.join(d.augment) or 'none'}"
-        + (f" (crop padding {d.crop_padding})" if "crop" in d.augment else "") + ".",
+        + (f" (crop padding {d.crop_padding})" if "crop" in d.augment else "")
+        + ".",
         f"- **Optimizer**: {optimizer}, peak learning rate {o.lr}, weight decay {o.weight_decay} "
         f"({'on every parameter' if o.decay_norm_and_bias else 'conv and linear weights only'}), label smoothing "
         f"{o.label_smoothing}" + (f", gradient clipping at norm {o.grad_clip}" if o.grad_clip else "") + ".",
         f"- **Schedule**: {o.warmup_epochs} warm-up epochs, then {o.schedule}"
-        + (f" (x{o.step_gamma} every {o.step_epochs} epochs)" if o.schedule == "step" else "") + ", in optimizer steps.",
+        + (f" (x{o.step_gamma} every {o.step_epochs} epochs)" if o.schedule == "step" else "")
+        + ", in optimizer steps.",
         f"- **Batch and length**: global batch {t.batch_size} ({t.grad_accum_steps} accumulation step(s)), "
         f"{t.epochs} epochs" + (f", at most {t.max_steps} steps" if t.max_steps else "") + f", seed {t.seed}.",
     ]
@@ -156,8 +181,14 @@ def _training(cfg, summary: dict | None) -> str:
             f"{summary['train_seconds']:.0f} s of training."
         )
     config = yaml.dump(cfg.to_dict(), Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False).strip()
-    lines += ["", "The run's full configuration, a recipe for `distcifar/train.py --config`:", "",
-              "```yaml", config, "```"]
+    lines += [
+        "",
+        "The run's full configuration, a recipe for `distcifar/train.py --config`:",
+        "",
+        "```yaml",
+        config,
+        "```",
+    ]
     return "\n".join(lines)
 
 
@@ -185,18 +216,23 @@ def model_card(model, *, cfg=None, summary: dict | None = None, location: str = 
     )
     if summary:
         data.model_name = cfg.push_to_hub or f"distcifar-{Path(cfg.output_dir).name}" if cfg else "distcifar"
-        data.eval_results = [EvalResult(
-            task_type="image-classification", dataset_type=data.datasets[0], dataset_name="CIFAR-10",
-            dataset_split=summary.get("eval_split") or "test", metric_type="accuracy",
-            metric_value=round(summary["test_accuracy"], 4),
-        )]
+        data.eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=data.datasets[0],
+                dataset_name="CIFAR-10",
+                dataset_split=summary.get("eval_split") or "test",
+                metric_type="accuracy",
+                metric_value=round(summary["test_accuracy"], 4),
+            )
+        ]
     headline = f", {summary['test_accuracy']:.2%} {summary.get('eval_split') or 'test'} accuracy" if summary else ""
     sections = [
         f"# distcifar CIFAR-10 network{headline}",
         "A CIFAR-10 image classifier trained with distcifar (a Hugging Face Accelerate training loop): the seed "
         "network, a conv stem, expert-weighted conv blocks and an MLP classifier. "
         f"It takes 32x32 RGB images and returns {model.config.num_classes} logits, one per class in this order: "
-        f"{', '.join(CLASSES[:model.config.num_classes])}.",
+        f"{', '.join(CLASSES[: model.config.num_classes])}.",
         "## Architecture",
         _architecture(model),
         "## Input",
@@ -207,7 +243,9 @@ def model_card(model, *, cfg=None, summary: dict | None = None, location: str = 
         "With `distcifar` installed (`pip install -e .` in its repository), torch, numpy and Pillow:",
         _usage(location),
         "## Training",
-        _training(cfg, summary) if cfg else "This export was saved outside `distcifar/train.py`: its training run is not recorded here.",
+        _training(cfg, summary)
+        if cfg
+        else "This export was saved outside `distcifar/train.py`: its training run is not recorded here.",
         "## Results",
         _results(summary) if summary else "Not evaluated at export time; `distcifar/evaluate.py` measures it.",
     ]

@@ -45,6 +45,4 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, total_steps: in
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total_steps)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch, total_steps))

@@ -53,8 +53,9 @@ def read_series(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def write_confusion(output_dir: Path, confusion: list[list[float]], classes: list[str],
-                    step: int, epoch: float, split: str) -> None:
+def write_confusion(
+    output_dir: Path, confusion: list[list[float]], classes: list[str], step: int, epoch: float, split: str
+) -> None:
     """Save the latest confusion matrix ([true][predicted] counts) for draw_confusion."""
     record = {"step": step, "epoch": epoch, "split": split, "classes": list(classes), "confusion": confusion}
     path = Path(output_dir) / CONFUSION_FILE
@@ -86,8 +87,14 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
             if key in series:
                 steps, values = zip(*series[key])
                 is_eval = key.startswith("eval")  # eval: points at evaluations, in the same colour in every panel
-                ax.plot(steps, values, label=label, color="C1" if is_eval else "C0",
-                        marker="o" if is_eval else None, markersize=4)
+                ax.plot(
+                    steps,
+                    values,
+                    label=label,
+                    color="C1" if is_eval else "C0",
+                    marker="o" if is_eval else None,
+                    markersize=4,
+                )
         if any(label for key, label in lines if key in series):
             ax.legend()
         if not ax.lines:
@@ -119,13 +126,21 @@ def draw_confusion(record: dict, path: Path) -> None:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"{record['split']} set, epoch {record['epoch']:g}, step {record['step']}: "
-                 f"{accuracy:.2%} of {total:g} correct")
+    ax.set_title(
+        f"{record['split']} set, epoch {record['epoch']:g}, step {record['step']}: {accuracy:.2%} of {total:g} correct"
+    )
     dark = counts.max() / 2
     for true_class, row in enumerate(counts):
         for predicted_class, count in enumerate(row):
-            ax.text(predicted_class, true_class, f"{count:g}", ha="center", va="center", fontsize=8,
-                    color="white" if count > dark else "black")
+            ax.text(
+                predicted_class,
+                true_class,
+                f"{count:g}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if count > dark else "black",
+            )
     _save(fig, path)
 
 

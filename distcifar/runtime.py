@@ -19,8 +19,13 @@ import psutil
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs, InitProcessGroupKwargs,
-                               ProjectConfiguration, parse_flag_from_env)
+from accelerate.utils import (
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+)
 
 from distcifar.cli import UsageError
 
@@ -55,9 +60,13 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=None if log_with == "none" else [log_with],
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
-                         ddp_kwargs(cfg.ddp)],
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
+        ),
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+            ddp_kwargs(cfg.ddp),
+        ],
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -81,21 +90,33 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
 
 
 # Accelerate looks its hooks up by enum member: a plain string registers no hook at all, silently.
-COMM_HOOKS = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
-              "bf16": DDPCommunicationHookType.BF16, "powersgd": DDPCommunicationHookType.POWER_SGD,
-              "batched_powersgd": DDPCommunicationHookType.BATCHED_POWER_SGD}
+COMM_HOOKS = {
+    "none": DDPCommunicationHookType.NO,
+    "fp16": DDPCommunicationHookType.FP16,
+    "bf16": DDPCommunicationHookType.BF16,
+    "powersgd": DDPCommunicationHookType.POWER_SGD,
+    "batched_powersgd": DDPCommunicationHookType.BATCHED_POWER_SGD,
+}
 
 
 def ddp_kwargs(ddp: DDPConfig) -> DistributedDataParallelKwargs:
     """cfg.ddp as Accelerate's DDP handler: Accelerate passes it to DistributedDataParallel and registers the hook."""
     powersgd = ddp.comm_hook in ("powersgd", "batched_powersgd")
     return DistributedDataParallelKwargs(
-        bucket_cap_mb=ddp.bucket_cap_mb, gradient_as_bucket_view=ddp.gradient_as_bucket_view,
-        static_graph=ddp.static_graph, comm_hook=COMM_HOOKS[ddp.comm_hook],
+        bucket_cap_mb=ddp.bucket_cap_mb,
+        gradient_as_bucket_view=ddp.gradient_as_bucket_view,
+        static_graph=ddp.static_graph,
+        comm_hook=COMM_HOOKS[ddp.comm_hook],
         # epsilon: a gradient with an all-zero column (a unit that is off for the whole batch) would
         # otherwise turn PowerSGD's Gram-Schmidt into NaN (seen on the tiny test network)
-        comm_state_option={"matrix_approximation_rank": ddp.powersgd_rank, "start_powerSGD_iter": ddp.powersgd_start_step,
-                           "orthogonalization_epsilon": 1e-8} if powersgd else {})
+        comm_state_option={
+            "matrix_approximation_rank": ddp.powersgd_rank,
+            "start_powerSGD_iter": ddp.powersgd_start_step,
+            "orthogonalization_epsilon": 1e-8,
+        }
+        if powersgd
+        else {},
+    )
 
 
 def check_ddp_options(accelerator: Accelerator, cfg: Config) -> None:
@@ -108,24 +129,35 @@ def check_ddp_options(accelerator: Accelerator, cfg: Config) -> None:
     ddp = cfg.ddp
     if accelerator.num_processes == 1:
         if ddp != DDPConfig():
-            print_once("note: the ddp.* options configure DDP, which one process does not use; they have no effect here")
+            print_once(
+                "note: the ddp.* options configure DDP, which one process does not use; they have no effect here"
+            )
         return
     if ddp.static_graph and cfg.train.grad_accum_steps > 1:
         raise ConfigError(
             "ddp.static_graph needs DDP's first backward pass to synchronise gradients, and with train.grad_accum_steps "
             "> 1 it does not (torch's reducer then fails an internal assertion); set ddp.static_graph false or "
-            "train.grad_accum_steps 1" if accelerator.is_main_process else "")
+            "train.grad_accum_steps 1"
+            if accelerator.is_main_process
+            else ""
+        )
     if ddp.comm_hook == "none":
         return
     try:
         _run_comm_hook_once(ddp, accelerator.device)
     except Exception as err:  # noqa: BLE001 - any failure of the hook is a refusal; the same on every rank
-        alternative = {"fp16": "bf16 or none", "bf16": "fp16 or none", "powersgd": "fp16 or none",
-                       "batched_powersgd": "powersgd"}[ddp.comm_hook]
+        alternative = {
+            "fp16": "bf16 or none",
+            "bf16": "fp16 or none",
+            "powersgd": "fp16 or none",
+            "batched_powersgd": "powersgd",
+        }[ddp.comm_hook]
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        message = (f"ddp.comm_hook {ddp.comm_hook} does not run on the {dist.get_backend()} backend of torch "
-                   f"{torch.__version__} ({type(err).__name__}{': ' + first if first else ''}); "
-                   f"use ddp.comm_hook {alternative}")
+        message = (
+            f"ddp.comm_hook {ddp.comm_hook} does not run on the {dist.get_backend()} backend of torch "
+            f"{torch.__version__} ({type(err).__name__}{': ' + first if first else ''}); "
+            f"use ddp.comm_hook {alternative}"
+        )
         raise ConfigError(message if accelerator.is_main_process else "") from None  # the main rank says why
 
 
@@ -156,8 +188,9 @@ def _run_comm_hook_once(ddp: DDPConfig, device: torch.device) -> None:
         hook = default_hooks.fp16_compress_hook if ddp.comm_hook == "fp16" else default_hooks.bf16_compress_hook
         hook(None, _Bucket(device)).wait()
         return
-    state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=1, start_powerSGD_iter=2,
-                                        orthogonalization_epsilon=1e-8)
+    state = powerSGD_hook.PowerSGDState(
+        None, matrix_approximation_rank=1, start_powerSGD_iter=2, orthogonalization_epsilon=1e-8
+    )
     state.iter = state.start_powerSGD_iter
     hook = powerSGD_hook.powerSGD_hook if ddp.comm_hook == "powersgd" else powerSGD_hook.batched_powerSGD_hook
     hook(state, _Bucket(device)).wait()
@@ -186,8 +219,13 @@ def hardware(accelerator: Accelerator) -> dict:
         name = torch.cuda.get_device_name()
     else:
         name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
-    return {"device": str(accelerator.device), "device_name": name, "num_processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "distributed_type": str(accelerator.distributed_type)}
+    return {
+        "device": str(accelerator.device),
+        "device_name": name,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "distributed_type": str(accelerator.distributed_type),
+    }
 
 
 def _cpuinfo() -> list[str]:
@@ -245,12 +283,20 @@ class OutputLock:
         if agree(accelerator, holder is not None)[0]:
             raise UsageError(
                 f"{self.path.parent} is in use by another run (host {holder['host']}, pid {holder['pid']}, started "
-                f"{holder['started']}); use another --output_dir, or stop that run first" if holder else "")
+                f"{holder['started']}); use another --output_dir, or stop that run first"
+                if holder
+                else ""
+            )
 
     def _try_acquire(self) -> dict | None:
         """None when the lock is ours now, else the live holder's record."""
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time(),
-              "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_started": psutil.Process().create_time(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -280,8 +326,9 @@ class OutputLock:
         if holder.get("host") == socket.gethostname():
             try:
                 process = psutil.Process(holder["pid"])
-                return (abs(process.create_time() - holder["pid_started"]) < 1
-                        and process.status() != psutil.STATUS_ZOMBIE)  # killed, not yet reaped
+                return (
+                    abs(process.create_time() - holder["pid_started"]) < 1 and process.status() != psutil.STATUS_ZOMBIE
+                )  # killed, not yet reaped
             except (psutil.Error, KeyError, TypeError):
                 return False
         try:

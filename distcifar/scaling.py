@@ -47,7 +47,9 @@ LINKS: dict[str, tuple[float, float, str]] = {
 GRADIENT_BYTES = 4  # the parameters, so the gradients DDP reduces, stay fp32 under autocast
 
 
-def gradient_bytes(parameters, comm_hook: str = "none", powersgd_rank: int = 1, min_compression_rate: float = 2.0) -> int:
+def gradient_bytes(
+    parameters, comm_hook: str = "none", powersgd_rank: int = 1, min_compression_rate: float = 2.0
+) -> int:
     """Bytes one process hands to DDP's all-reduce per optimizer step (see the module docstring).
 
     PowerSGD as torch's powerSGD_hook does it after its warm-up: each gradient of 2+ dimensions viewed as
@@ -63,7 +65,9 @@ def gradient_bytes(parameters, comm_hook: str = "none", powersgd_rank: int = 1, 
         for shape in shapes:
             rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (0, 0)
             compressed = (rows + cols) * powersgd_rank
-            elements += compressed if len(shape) > 1 and compressed * min_compression_rate < rows * cols else math.prod(shape)
+            elements += (
+                compressed if len(shape) > 1 and compressed * min_compression_rate < rows * cols else math.prod(shape)
+            )
         return elements * GRADIENT_BYTES
     if comm_hook == "batched_powersgd":
         side = math.ceil(math.sqrt(numel))
@@ -92,8 +96,15 @@ class Prediction:
         return dict(self.__dict__)
 
 
-def predict(compute_seconds: float, payload: float, processes: int, bandwidth_gbps: float, latency_s: float = 0.0,
-            bucket_bytes: float = 25 * 2**20, target: float = 0.2) -> Prediction:
+def predict(
+    compute_seconds: float,
+    payload: float,
+    processes: int,
+    bandwidth_gbps: float,
+    latency_s: float = 0.0,
+    bucket_bytes: float = 25 * 2**20,
+    target: float = 0.2,
+) -> Prediction:
     """The model of the module docstring for one N and one link."""
     if processes < 1 or bandwidth_gbps <= 0 or compute_seconds <= 0 or not 0 < target < 1:
         raise ValueError("processes >= 1, bandwidth > 0, compute time > 0 and 0 < target < 1 are needed")
@@ -102,8 +113,17 @@ def predict(compute_seconds: float, payload: float, processes: int, bandwidth_gb
     share = comm / (compute_seconds + comm)
     # t_comm / (k t_compute + t_comm) <= target  <=>  k >= t_comm (1 - target) / (target t_compute)
     accumulation = max(1, math.ceil(comm * (1 - target) / (target * compute_seconds) - 1e-9))
-    return Prediction(processes, bandwidth_gbps, latency_s, compute_seconds, comm, compute_seconds / (compute_seconds + comm),
-                      share, accumulation, target)
+    return Prediction(
+        processes,
+        bandwidth_gbps,
+        latency_s,
+        compute_seconds,
+        comm,
+        compute_seconds / (compute_seconds + comm),
+        share,
+        accumulation,
+        target,
+    )
 
 
 def parse_link(text: str) -> tuple[str, float, float]:
@@ -120,20 +140,33 @@ def parse_link(text: str) -> tuple[str, float, float]:
     return f"{bandwidth:g} GB/s", bandwidth, 0.0
 
 
-def prediction_table(compute_seconds: float, payload: float, processes: list[int], links: list[str],
-                     bucket_bytes: float = 25 * 2**20, target: float = 0.2) -> tuple[list[dict], str]:
+def prediction_table(
+    compute_seconds: float,
+    payload: float,
+    processes: list[int],
+    links: list[str],
+    bucket_bytes: float = 25 * 2**20,
+    target: float = 0.2,
+) -> tuple[list[dict], str]:
     """Rows for every (link, N), and the same as a printable table."""
-    rows, lines = [], [
-        f"predicted scaling: {compute_seconds * 1e3:.1f} ms compute per optimizer step and process, "
-        f"{payload / 1e6:.1f} MB all-reduced per step; no overlap of communication with backward (pessimistic)",
-        f"  {'link':<12} {'GB/s':>7} {'N':>4} {'comm ms':>9} {'efficiency':>10} {'comm share':>10}   accumulation for <= {target:.0%}"]
+    rows, lines = (
+        [],
+        [
+            f"predicted scaling: {compute_seconds * 1e3:.1f} ms compute per optimizer step and process, "
+            f"{payload / 1e6:.1f} MB all-reduced per step; no overlap of communication with backward (pessimistic)",
+            f"  {'link':<12} {'GB/s':>7} {'N':>4} {'comm ms':>9} {'efficiency':>10} {'comm share':>10}   "
+            f"accumulation for <= {target:.0%}",
+        ],
+    )
     for link in links:
         name, bandwidth, latency = parse_link(link)
         for n in processes:
             p = predict(compute_seconds, payload, n, bandwidth, latency, bucket_bytes, target)
             rows.append({"link": name, **p.as_dict()})
-            lines.append(f"  {name:<12} {bandwidth:>7.1f} {n:>4} {p.comm_seconds * 1e3:>9.2f} {p.efficiency:>10.2f} "
-                         f"{p.communication_share:>10.1%}   {p.accumulation_for_target}")
+            lines.append(
+                f"  {name:<12} {bandwidth:>7.1f} {n:>4} {p.comm_seconds * 1e3:>9.2f} {p.efficiency:>10.2f} "
+                f"{p.communication_share:>10.1%}   {p.accumulation_for_target}"
+            )
     return rows, "\n".join(lines)
 
 

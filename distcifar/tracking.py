@@ -58,8 +58,9 @@ def _new_run_id() -> str:
 
 def _git_commit() -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -121,8 +122,12 @@ class Tracker:
         run_id = checkpoint_id or folder_id or env_id or _new_run_id()
         if self.report_to == "wandb":
             if env_id and env_id != run_id:
-                print(f"[tracking] continuing W&B run {run_id} of {self.output_dir}; WANDB_RUN_ID={env_id} is not "
-                      "used (--resume never starts a new run)", file=sys.stderr, flush=True)
+                print(
+                    f"[tracking] continuing W&B run {run_id} of {self.output_dir}; WANDB_RUN_ID={env_id} is not "
+                    "used (--resume never starts a new run)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_run_id(path, run_id)
         return run_id
@@ -139,22 +144,32 @@ class Tracker:
             wandb_kwargs["resume"] = "allow"
         if not os.environ.get("WANDB_DIR"):
             wandb_kwargs["dir"] = str(self.output_dir)
-        for key, value in (("name", tracking.run_name), ("entity", tracking.entity), ("group", tracking.group),
-                           ("tags", tracking.tags)):
+        for key, value in (
+            ("name", tracking.run_name),
+            ("entity", tracking.entity),
+            ("group", tracking.group),
+            ("tags", tracking.tags),
+        ):
             if value:  # an empty tag list on a resume would also wipe tags added in the W&B UI
                 wandb_kwargs[key] = value
         project = tracking.project or os.environ.get("WANDB_PROJECT") or "distcifar"
         try:
             self.accelerator.init_trackers(project, config=run_config, init_kwargs={"wandb": wandb_kwargs})
             if self.report_to not in [tracker.name for tracker in self.accelerator.trackers]:
-                raise RuntimeError(f"the Accelerator was built without log_with=['{self.report_to}'] or it is not installed")
+                raise RuntimeError(
+                    f"the Accelerator was built without log_with=['{self.report_to}'] or it is not installed"
+                )
         except Exception as err:  # never let tracking stop training
             # Accelerate registers a tracker before starting it; drop the one that failed.
             self.accelerator.trackers.clear()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             hint = f" To use W&B: {WANDB_HINT}." if self.report_to == "wandb" else ""
-            print(f"[tracking] {self.report_to} is off ({reason}); metrics still go to "
-                  f"{self.output_dir / plot.METRICS_FILE}.{hint}", file=sys.stderr, flush=True)
+            print(
+                f"[tracking] {self.report_to} is off ({reason}); metrics still go to "
+                f"{self.output_dir / plot.METRICS_FILE}.{hint}",
+                file=sys.stderr,
+                flush=True,
+            )
             self.report_to = "none"
             return
         if self.report_to == "wandb":
@@ -177,15 +192,22 @@ class Tracker:
         # TensorBoard keeps the step as each scalar's own step; W&B charts against the `step` metric
         self.accelerator.log({STEP_KEY: step, **metrics} if self._wandb_run is not None else metrics, step=step)
 
-    def log_eval(self, result: dict, step: int, model, sample_images: torch.Tensor, sample_labels: torch.Tensor) -> None:
+    def log_eval(
+        self, result: dict, step: int, model, sample_images: torch.Tensor, sample_labels: torch.Tensor
+    ) -> None:
         """Log an evaluation; `model` is the unwrapped network (a forward on one DDP rank would hang)."""
         if not self.is_main or self._finished:
             return
         names = class_names(len(result["per_class_accuracy"]))
         predictions, expert_weights = _predict(model, sample_images)
 
-        scalars = {"train/epoch": result["epoch"], "train/seconds": result["train_seconds"], "eval/accuracy": result["eval_accuracy"],
-                   "eval/loss": result["eval_loss"], "eval/num_samples": result["eval_samples"]}
+        scalars = {
+            "train/epoch": result["epoch"],
+            "train/seconds": result["train_seconds"],
+            "eval/accuracy": result["eval_accuracy"],
+            "eval/loss": result["eval_loss"],
+            "eval/num_samples": result["eval_samples"],
+        }
         for name, accuracy in zip(names, result["per_class_accuracy"]):
             scalars[f"eval/class_acc/{name}"] = accuracy
         for block, weights in enumerate(expert_weights):
@@ -207,8 +229,11 @@ class Tracker:
             return  # still drawing an earlier evaluation; finish() draws the final state
         package_parent = str(Path(plot.__file__).resolve().parents[1])
         python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
-        self._plotter = subprocess.Popen([sys.executable, "-m", "distcifar.plot", str(self.output_dir)],
-                                         stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": python_path})
+        self._plotter = subprocess.Popen(
+            [sys.executable, "-m", "distcifar.plot", str(self.output_dir)],
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": python_path},
+        )
         self._plots_outdated = False
 
     def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
@@ -249,18 +274,28 @@ def _predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor
     return logits.argmax(1).cpu(), [weights.float().cpu() for weights in module.expert_weights()]
 
 
-def _wandb_media(result: dict, names: list[str], predictions: torch.Tensor, images: torch.Tensor,
-                 labels: torch.Tensor, expert_weights: list[torch.Tensor]) -> dict:
+def _wandb_media(
+    result: dict,
+    names: list[str],
+    predictions: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    expert_weights: list[torch.Tensor],
+) -> dict:
     import wandb
 
     # The table and chart spec wandb.plot.confusion_matrix builds, filled from counts rather than raw labels.
     table = wandb.Table(
         columns=["Actual", "Predicted", "nPredictions"],
-        data=[[names[true], names[predicted], count]
-              for true, row in enumerate(result["confusion"]) for predicted, count in enumerate(row)],
+        data=[
+            [names[true], names[predicted], count]
+            for true, row in enumerate(result["confusion"])
+            for predicted, count in enumerate(row)
+        ],
     )
     chart = wandb.plot_table(
-        "wandb/confusion_matrix/v1", table,
+        "wandb/confusion_matrix/v1",
+        table,
         {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
         {"title": f"Confusion matrix ({result['eval_split']}, epoch {result['epoch']:g})"},
     )

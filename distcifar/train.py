@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from distcifar import export, tracking
 from distcifar.checkpoint import Checkpointer
+from distcifar.cli import entry_point
 from distcifar.config import parse_config
 from distcifar.data import load_splits
 from distcifar.engine import build, evaluate, optimizer_steps
-from distcifar.cli import entry_point
 from distcifar.runtime import OutputLock, StopRequest, build_accelerator, hardware, leave, print_once
 
 
@@ -63,8 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     # Train: evaluate at epoch ends and at the end; the checkpointer decides when to save ----------
     # A live bar in a terminal; in a log file (SLURM, CI) plain log lines instead of carriage returns.
     interactive = sys.stderr.isatty()
-    progress = tqdm(total=parts.total_steps, initial=state.step, desc="train", dynamic_ncols=True,
-                    disable=not (accelerator.is_main_process and interactive))
+    progress = tqdm(
+        total=parts.total_steps,
+        initial=state.step,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not (accelerator.is_main_process and interactive),
+    )
     steps_before, seconds_before = state.step, state.train_seconds
     sample = eval_split.head(32)
     result, exit_signal = None, 0
@@ -73,9 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         if report.metrics:
             progress.set_postfix(loss=f"{report.metrics['train/loss']:.3f}", lr=f"{report.metrics['train/lr']:.2e}")
             if not interactive:
-                print_once(f"step {state.step}/{parts.total_steps} epoch {report.metrics['train/epoch']:.2f} loss "
-                           f"{report.metrics['train/loss']:.4f} lr {report.metrics['train/lr']:.3e} "
-                           f"{report.metrics['train/images_per_second']:.0f} images/s")
+                print_once(
+                    f"step {state.step}/{parts.total_steps} epoch {report.metrics['train/epoch']:.2f} loss "
+                    f"{report.metrics['train/loss']:.4f} lr {report.metrics['train/lr']:.3e} "
+                    f"{report.metrics['train/images_per_second']:.0f} images/s"
+                )
         epoch_end, last = state.step % steps_per_epoch == 0, state.step == parts.total_steps
         eval_accuracy = None
         if last or (epoch_end and (state.step // steps_per_epoch) % cfg.train.eval_every_epochs == 0):
@@ -83,19 +90,33 @@ def main(argv: list[str] | None = None) -> None:
             result.update(epoch=state.step / steps_per_epoch, eval_split=eval_name, train_seconds=state.train_seconds)
             eval_accuracy = result["eval_accuracy"]
             state.best_accuracy = max(state.best_accuracy or 0.0, eval_accuracy)
-            tracker.log_eval(result, step=state.step, model=accelerator.unwrap_model(parts.model, keep_torch_compile=False),
-                             sample_images=sample.images, sample_labels=sample.labels)
-            print_once(f"epoch {result['epoch']:g}: {eval_name} accuracy {eval_accuracy:.4f}, loss {result['eval_loss']:.4f}")
+            tracker.log_eval(
+                result,
+                step=state.step,
+                model=accelerator.unwrap_model(parts.model, keep_torch_compile=False),
+                sample_images=sample.images,
+                sample_labels=sample.labels,
+            )
+            print_once(
+                f"epoch {result['epoch']:g}: {eval_name} accuracy {eval_accuracy:.4f}, loss {result['eval_loss']:.4f}"
+            )
         if checkpoints.due(state, report, epoch_end=epoch_end, last=last):
-            checkpoints.save(state, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
-                             eval_accuracy=eval_accuracy)
+            checkpoints.save(
+                state,
+                model=parts.model,
+                optimizer=parts.optimizer,
+                scheduler=parts.scheduler,
+                eval_accuracy=eval_accuracy,
+            )
         if report.stop_signal:
             exit_signal = report.stop_signal
             break
     progress.close()
 
     if exit_signal:
-        print_once(f"stopped by signal {exit_signal} at step {state.step}; checkpoint saved, resume with the same command")
+        print_once(
+            f"stopped by signal {exit_signal} at step {state.step}; checkpoint saved, resume with the same command"
+        )
         tracker.finish(exit_code=128 + exit_signal)
         leave(accelerator, 128 + exit_signal)
 
@@ -111,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         "per_class_accuracy": result["per_class_accuracy"],
         "global_step": state.step,
         "epochs": state.step / steps_per_epoch,
-        "images_per_second": (state.step - steps_before) * cfg.train.batch_size / trained_seconds if trained_seconds else None,
+        "images_per_second": (state.step - steps_before) * cfg.train.batch_size / trained_seconds
+        if trained_seconds
+        else None,
         "train_seconds": state.train_seconds,
         "wall_seconds": state.wall_seconds,
         "num_processes": world,

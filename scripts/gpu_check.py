@@ -52,9 +52,21 @@ VARIANTS = {
     "default-dropout0-lr0.2": ["--model.dropout", "0.0", "--optim.lr", "0.2"],
 }
 DRY_RUN_EVALUATE = ["--data.eval_limit", "500"]
-DRY_RUN_TRAIN = ["--model.block_channels", "[8,8,16,16,24,24]", "--model.classifier_hidden", "[32]",
-                 "--data.train_limit", "1024", *DRY_RUN_EVALUATE, "--train.epochs", "2",
-                 "--train.batch_size", "256", "--train.log_every", "2"]
+DRY_RUN_TRAIN = [
+    "--model.block_channels",
+    "[8,8,16,16,24,24]",
+    "--model.classifier_hidden",
+    "[32]",
+    "--data.train_limit",
+    "1024",
+    *DRY_RUN_EVALUATE,
+    "--train.epochs",
+    "2",
+    "--train.batch_size",
+    "256",
+    "--train.log_every",
+    "2",
+]
 DRY_RUN_BENCHMARK = ["--quick", "--train.batch_size", "64"]  # the recipe's batch of 512 would outgrow a tiny dataset
 
 
@@ -84,8 +96,9 @@ class Check:
         """Run one command, its output to the terminal and the log; stopped when the budget ends."""
         self.say("$ " + " ".join(command))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) as process:
+        with subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as process:
             # at the budget's end: SIGTERM (train.py then saves a checkpoint and exits with 143)
             timer = threading.Timer(min(self.left(), 10**6), process.terminate)
             timer.start()
@@ -109,17 +122,29 @@ class Check:
         raw = Path(self.args.runs) / f"{name}.json"
         raw.parent.mkdir(parents=True, exist_ok=True)
         raw.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "distcifar.benchmark", "--config", "configs/default.yaml", *self.data,
-                   *extra, *(DRY_RUN_BENCHMARK if self.args.dry_run else []), "--output", str(raw)]
+        command = [
+            sys.executable,
+            "-m",
+            "distcifar.benchmark",
+            "--config",
+            "configs/default.yaml",
+            *self.data,
+            *extra,
+            *(DRY_RUN_BENCHMARK if self.args.dry_run else []),
+            "--output",
+            str(raw),
+        ]
         code = self.run(command)
         if code != 0 or not raw.exists():
             self.say(f"{name}: failed (exit code {code})")
             return None
         result = {**self.header("configs/default.yaml", command, code), **json.loads(raw.read_text())}
         self.write(name, result)
-        self.say(f"{name}: bare {result['bare_images_per_second']:.0f} images/s, train.py's step "
-                 f"{result['loop_images_per_second']:.0f} images/s (x{result['loop_vs_bare_ratio']:.3f} of bare), "
-                 f"data pipeline x{result['data_vs_step_ratio']:.1f} the step")
+        self.say(
+            f"{name}: bare {result['bare_images_per_second']:.0f} images/s, train.py's step "
+            f"{result['loop_images_per_second']:.0f} images/s (x{result['loop_vs_bare_ratio']:.3f} of bare), "
+            f"data pipeline x{result['data_vs_step_ratio']:.1f} the step"
+        )
         return result
 
     def train(self, name: str, recipe: str, extra: list[str], images_per_second: float | None) -> dict | None:
@@ -129,15 +154,30 @@ class Check:
             images = 1024 if self.args.dry_run else 50_000  # per epoch
             predicted = 20 + 1.15 * epochs * images / images_per_second  # start-up, evaluations, heavier augmentation
             if predicted > self.left():
-                self.say(f"{name}: skipped, predicted {predicted:.0f} s (from the benchmark's images/s) but "
-                         f"{self.left():.0f} s of the budget are left")
+                self.say(
+                    f"{name}: skipped, predicted {predicted:.0f} s (from the benchmark's images/s) but "
+                    f"{self.left():.0f} s of the budget are left"
+                )
                 return None
             self.say(f"{name}: predicted {predicted:.0f} s, {self.left():.0f} s left")
         run_dir = Path(self.args.runs) / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a new measurement: nothing of an earlier one in its metrics
-        command = [sys.executable, "-m", "distcifar.train", "--config", recipe, "--output_dir", str(run_dir),
-                   "--resume", "never", "--tracking.report_to", "none", *self.data,
-                   *(DRY_RUN_TRAIN if self.args.dry_run else []), *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "distcifar.train",
+            "--config",
+            recipe,
+            "--output_dir",
+            str(run_dir),
+            "--resume",
+            "never",
+            "--tracking.report_to",
+            "none",
+            *self.data,
+            *(DRY_RUN_TRAIN if self.args.dry_run else []),
+            *extra,
+        ]
         code = self.run(command)
         result = self.header(recipe, command, code) | training_result(run_dir)
         result["overrides"] = extra
@@ -145,17 +185,30 @@ class Check:
             result["test_accuracy_hflip"] = self.mirror_accuracy(run_dir)
         self.write(name, result)
         reached = result["seconds_to_93"]
-        self.say(f"{name}: test accuracy {result['test_accuracy']} after {len(result['epochs'])} evaluations "
-                 f"({result.get('test_accuracy_hflip')} with mirror test-time augmentation), "
-                 f"{'93% after %.1f s of training' % reached if reached is not None else '93% not reached'}")
+        self.say(
+            f"{name}: test accuracy {result['test_accuracy']} after {len(result['epochs'])} evaluations "
+            f"({result.get('test_accuracy_hflip')} with mirror test-time augmentation), "
+            f"{'93% after %.1f s of training' % reached if reached is not None else '93% not reached'}"
+        )
         return result
 
     def mirror_accuracy(self, run_dir: Path) -> float | None:
         """The final model's test accuracy with mirror test-time augmentation (evaluate.py --train.eval_hflip)."""
         output = run_dir / "eval_hflip.json"
-        code = self.run([sys.executable, "-m", "distcifar.evaluate", str(run_dir / "final"), *self.data,
-                         *(DRY_RUN_EVALUATE if self.args.dry_run else []),
-                         "--train.eval_hflip", "true", "--output", str(output)])
+        code = self.run(
+            [
+                sys.executable,
+                "-m",
+                "distcifar.evaluate",
+                str(run_dir / "final"),
+                *self.data,
+                *(DRY_RUN_EVALUATE if self.args.dry_run else []),
+                "--train.eval_hflip",
+                "true",
+                "--output",
+                str(output),
+            ]
+        )
         return json.loads(output.read_text())["eval_accuracy"] if code == 0 and output.exists() else None
 
     def epochs(self, recipe: str, extra: list[str]) -> int:
@@ -167,9 +220,16 @@ class Check:
         return yaml.safe_load((ROOT / recipe).read_text()).get("train", {}).get("epochs", 40)  # 40: TrainConfig's
 
     def header(self, recipe: str, command: list[str], code: int) -> dict:
-        return {"date": datetime.date.today().isoformat(), "device_name": self.device_name,
-                "torch_version": self.torch_version, "recipe": recipe, "dry_run": self.args.dry_run,
-                "data": self.args.data or "hub: uoft-cs/cifar10", "command": " ".join(command), "exit_code": code}
+        return {
+            "date": datetime.date.today().isoformat(),
+            "device_name": self.device_name,
+            "torch_version": self.torch_version,
+            "recipe": recipe,
+            "dry_run": self.args.dry_run,
+            "data": self.args.data or "hub: uoft-cs/cifar10",
+            "command": " ".join(command),
+            "exit_code": code,
+        }
 
 
 def device() -> tuple[str, str]:
@@ -184,9 +244,17 @@ def training_result(run_dir: Path) -> dict:
     rows = []
     if (run_dir / "metrics.jsonl").exists():
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evaluations = [{"epoch": r["train/epoch"], "step": r["step"], "test_accuracy": r["eval/accuracy"],
-                    "test_loss": r["eval/loss"], "train_seconds": r["train/seconds"]}
-                   for r in rows if "eval/accuracy" in r]
+    evaluations = [
+        {
+            "epoch": r["train/epoch"],
+            "step": r["step"],
+            "test_accuracy": r["eval/accuracy"],
+            "test_loss": r["eval/loss"],
+            "train_seconds": r["train/seconds"],
+        }
+        for r in rows
+        if "eval/accuracy" in r
+    ]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     reached = next((e["train_seconds"] for e in evaluations if e["test_accuracy"] >= TARGET), None)
     return {
@@ -218,8 +286,10 @@ def main() -> int:
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a machine with a GPU
     check = Check(args)
-    check.say(f"device {check.device_name}, torch {check.torch_version}, budget "
-              f"{args.budget or 'none'} s, steps {', '.join(only)}{', DRY RUN' if args.dry_run else ''}")
+    check.say(
+        f"device {check.device_name}, torch {check.torch_version}, budget "
+        f"{args.budget or 'none'} s, steps {', '.join(only)}{', DRY RUN' if args.dry_run else ''}"
+    )
 
     bench = check.benchmark("benchmark", []) if "benchmark" in only else None
     images_per_second = bench["loop_images_per_second"] if bench else None
@@ -227,8 +297,10 @@ def main() -> int:
     if "seed" in only:
         seed = check.train("seed", "configs/seed.yaml", [], images_per_second)
         if seed and seed["test_accuracy"] is not None:
-            check.say(f"seed: {seed['test_accuracy']:.4f} against the coursework's {SEED_PUBLISHED} on one T4 "
-                      f"({100 * (seed['test_accuracy'] - SEED_PUBLISHED):+.2f} points)")
+            check.say(
+                f"seed: {seed['test_accuracy']:.4f} against the coursework's {SEED_PUBLISHED} on one T4 "
+                f"({100 * (seed['test_accuracy'] - SEED_PUBLISHED):+.2f} points)"
+            )
     if "variants" in only:
         if default and default["test_accuracy"] is not None and default["test_accuracy"] >= TARGET:
             check.say(f"variants: not needed, default reached {default['test_accuracy']:.4f}")

@@ -20,7 +20,9 @@ def synthetic_data(tmp_path_factory) -> Path:
 def real_data() -> Path:
     path = os.environ.get("DISTCIFAR_TEST_DATA")
     if not path or not Path(path).is_dir():
-        pytest.skip("set DISTCIFAR_TEST_DATA to a local CIFAR-10 copy (train.parquet, test.parquet) for real-data tests")
+        pytest.skip(
+            "set DISTCIFAR_TEST_DATA to a local CIFAR-10 copy (train.parquet, test.parquet) for real-data tests"
+        )
     return Path(path)
 
 

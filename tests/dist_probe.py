@@ -74,8 +74,12 @@ def cmd_train(argv: list[str]) -> None:
             for count, report in enumerate(optimizer_steps(accelerator, *args, **kwargs), start=1):
                 if accelerator.process_index == fail_rank and count == fail_step:
                     if os.environ.get("PROBE_HANG"):
-                        print(f"dist_probe: rank {fail_rank} stops answering at step {fail_step} "
-                              f"(unix time {time.time():.3f})", file=sys.stderr, flush=True)
+                        print(
+                            f"dist_probe: rank {fail_rank} stops answering at step {fail_step} "
+                            f"(unix time {time.time():.3f})",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         while True:
                             time.sleep(60)
                     raise RuntimeError(FAIL_MESSAGE.format(rank=fail_rank, step=fail_step, time=time.time()))
@@ -136,11 +140,16 @@ def coverage(accelerator, n: int, batch_size: int, accums: list[int], epochs: in
             resumed = torch.stack([torch.stack([y for _, y in mb]) for _, mb in batches.epoch(epoch, start_step=start)])
             # rank_indices() (what the iterator uses) agrees with what was yielded
             order = batches.permutation(epoch)
-            by_rank_indices = torch.stack([
-                torch.stack([batches.rank_indices(order, s, m)[1] for m in range(accum)])
-                for s in range(batches.steps_per_epoch)])
-            flags = torch.tensor([[int(torch.equal(resumed, indices[start:])), int(torch.equal(by_rank_indices, indices))]],
-                                 device=device)
+            by_rank_indices = torch.stack(
+                [
+                    torch.stack([batches.rank_indices(order, s, m)[1] for m in range(accum)])
+                    for s in range(batches.steps_per_epoch)
+                ]
+            )
+            flags = torch.tensor(
+                [[int(torch.equal(resumed, indices[start:])), int(torch.equal(by_rank_indices, indices))]],
+                device=device,
+            )
             all_indices = accelerator.gather(indices[None])  # [world, steps, accum, micro]
             all_images = accelerator.gather(images[None])
             all_flags = accelerator.gather(flags)
@@ -158,18 +167,20 @@ def coverage(accelerator, n: int, batch_size: int, accums: list[int], epochs: in
                         for i, img in zip(all_indices[r, step, m].tolist(), all_images[r, step, m]):
                             ok = ok and i in one_process and torch.equal(one_process[i], img)
                 same_images.append(ok)
-            report["runs"].append({
-                "accum": accum,
-                "epoch": epoch,
-                "steps_per_epoch": batches.steps_per_epoch,
-                "micro_batch": batches.micro_batch,
-                "permutation": order.tolist(),
-                "indices": all_indices.tolist(),  # [rank][step][micro][i]
-                "one_process_indices": one_process_indices,  # [step][i]
-                "same_augmented_images_as_one_process": same_images,
-                "resume_ok": all_flags[:, 0].tolist(),
-                "rank_indices_ok": all_flags[:, 1].tolist(),
-            })
+            report["runs"].append(
+                {
+                    "accum": accum,
+                    "epoch": epoch,
+                    "steps_per_epoch": batches.steps_per_epoch,
+                    "micro_batch": batches.micro_batch,
+                    "permutation": order.tolist(),
+                    "indices": all_indices.tolist(),  # [rank][step][micro][i]
+                    "one_process_indices": one_process_indices,  # [step][i]
+                    "same_augmented_images_as_one_process": same_images,
+                    "resume_ok": all_flags[:, 0].tolist(),
+                    "rank_indices_ok": all_flags[:, 1].tolist(),
+                }
+            )
     return report
 
 
@@ -190,8 +201,9 @@ def evaluation(accelerator, run: Path, batch_sizes: list[int]) -> dict:
     model = DistCifarNet.from_pretrained(str(run / "final")).to(memory_format=torch.channels_last)
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(normalize(x).contiguous(memory_format=torch.channels_last))
-                            for x in eval_split.images.split(25)])
+        logits = torch.cat(
+            [model(normalize(x).contiguous(memory_format=torch.channels_last)) for x in eval_split.images.split(25)]
+        )
     k = cfg.model.num_classes
     reference = torch.bincount(eval_split.labels * k + logits.argmax(1), minlength=k * k).view(k, k)
     prepared = accelerator.prepare(model)
@@ -200,19 +212,29 @@ def evaluation(accelerator, run: Path, batch_sizes: list[int]) -> dict:
         dataset = torch.utils.data.TensorDataset(eval_split.images, eval_split.labels)
         loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
         result = evaluate(accelerator, Parts(prepared, loader, torch.channels_last), k)
-        results[str(batch_size)] = {key: result[key] for key in ("eval_accuracy", "eval_loss", "eval_samples", "confusion")}
-    return {"eval_images": len(eval_split), "results": results,
-            "reference": {"confusion": reference.tolist(),
-                          "eval_accuracy": reference.diag().sum().item() / len(eval_split),
-                          "eval_loss": torch.nn.functional.cross_entropy(logits, eval_split.labels).item(),
-                          "predicted_classes": sorted(set(logits.argmax(1).tolist()))}}
+        results[str(batch_size)] = {
+            key: result[key] for key in ("eval_accuracy", "eval_loss", "eval_samples", "confusion")
+        }
+    return {
+        "eval_images": len(eval_split),
+        "results": results,
+        "reference": {
+            "confusion": reference.tolist(),
+            "eval_accuracy": reference.diag().sum().item() / len(eval_split),
+            "eval_loss": torch.nn.functional.cross_entropy(logits, eval_split.labels).item(),
+            "predicted_classes": sorted(set(logits.argmax(1).tolist())),
+        },
+    }
 
 
 def cmd_check(args) -> None:
     out = Path(args.out)
     accelerator = _accelerator(str(out.parent / "check_run"))
-    report = {"world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-              "launched_world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    report = {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "launched_world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
     report["coverage"] = coverage(accelerator, args.train, args.batch_size, args.accum, args.epochs, args.seed)
     if args.run:
         report["evaluation"] = evaluation(accelerator, Path(args.run), args.eval_batch_size)
@@ -226,9 +248,19 @@ def cmd_whoami(args) -> None:
     """One line per process: what the launcher set and what runtime.build_accelerator made of it."""
     env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     accelerator = _accelerator("whoami_run")
-    print("WHOAMI " + json.dumps({"pid": os.getpid(), "env": env, "num_processes": accelerator.num_processes,
-                                  "process_index": accelerator.process_index,
-                                  "distributed_type": str(accelerator.distributed_type)}), flush=True)
+    print(
+        "WHOAMI "
+        + json.dumps(
+            {
+                "pid": os.getpid(),
+                "env": env,
+                "num_processes": accelerator.num_processes,
+                "process_index": accelerator.process_index,
+                "distributed_type": str(accelerator.distributed_type),
+            }
+        ),
+        flush=True,
+    )
     accelerator.end_training()
 
 
@@ -258,8 +290,10 @@ def cmd_resume(args) -> None:
     def checkpoints(rank: int) -> Checkpointer:
         return Checkpointer(accelerator, root / f"rank{rank}", cfg.checkpoint, cfg.to_dict())
 
-    held = {rank: args.rank1_steps if rank == 1 and args.rank1_steps else args.steps
-            for rank in range(accelerator.num_processes)}
+    held = {
+        rank: args.rank1_steps if rank == 1 and args.rank1_steps else args.steps
+        for rank in range(accelerator.num_processes)
+    }
     for step in sorted(set(args.steps) | set(args.rank1_steps or [])):
         accelerator.backward(model(torch.randn(4, 3, 32, 32)).sum())
         optimizer.step()
@@ -363,7 +397,9 @@ def cmd_ddp(argv: list[str]) -> None:
         torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index)  # as train.py: each rank its dropout
         losses, spreads = [], []
         for step in range(args.steps):
-            loss, _ = train_step(accelerator, parts.model, parts.optimizer, parts.batches.at_step(step), cfg.optim, False)
+            loss, _ = train_step(
+                accelerator, parts.model, parts.optimizer, parts.batches.at_step(step), cfg.optim, False
+            )
             parts.scheduler.step()
             losses.append(accelerator.reduce(loss.detach(), "mean").item())
             checksum = sum(p.detach().double().sum() for p in parts.model.parameters())
@@ -373,8 +409,13 @@ def cmd_ddp(argv: list[str]) -> None:
         flat = torch.cat([p.detach().double().flatten() for p in parts.model.parameters()])
         every_rank = accelerator.gather(flat[None])
         identical = all(torch.equal(every_rank[0], every_rank[r]) for r in range(len(every_rank)))
-        results[name] = {"losses": losses, "rank_weight_max_diff": spreads, "identical_final_weights": identical,
-                         "num_processes": accelerator.num_processes, "comm_hooks": len(parts.model._comm_hooks)}
+        results[name] = {
+            "losses": losses,
+            "rank_weight_max_diff": spreads,
+            "identical_final_weights": identical,
+            "num_processes": accelerator.num_processes,
+            "comm_hooks": len(parts.model._comm_hooks),
+        }
         accelerator.free_memory()
     if accelerator is not None and accelerator.is_main_process:
         Path(args.out).write_text(json.dumps(results))

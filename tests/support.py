@@ -32,10 +32,21 @@ def make_images(labels, seed: int = 0, size: int = 32, mode: str = "RGB"):
     """
     from PIL import Image
 
-    palette = np.array([  # the corners of the RGB cube (kept off 0/255 so the noise is not clipped), grey, orange
-        (235, 20, 20), (20, 235, 20), (20, 20, 235), (235, 235, 20), (235, 20, 235),
-        (20, 235, 235), (235, 235, 235), (20, 20, 20), (128, 128, 128), (235, 128, 20),
-    ], dtype=np.float64)
+    palette = np.array(
+        [  # the corners of the RGB cube (kept off 0/255 so the noise is not clipped), grey, orange
+            (235, 20, 20),
+            (20, 235, 20),
+            (20, 20, 235),
+            (235, 235, 20),
+            (235, 20, 235),
+            (20, 235, 235),
+            (235, 235, 235),
+            (20, 20, 20),
+            (128, 128, 128),
+            (235, 128, 20),
+        ],
+        dtype=np.float64,
+    )
     rng = np.random.default_rng(seed)
     images = []
     for label in labels:
@@ -45,8 +56,16 @@ def make_images(labels, seed: int = 0, size: int = 32, mode: str = "RGB"):
     return images
 
 
-def write_parquet_dataset(folder: Path, train_rows: int = 256, test_rows: int = 101, *, column: str = "img",
-                          mode: str = "RGB", size: int = 32, bad_label: int | None = None) -> Path:
+def write_parquet_dataset(
+    folder: Path,
+    train_rows: int = 256,
+    test_rows: int = 101,
+    *,
+    column: str = "img",
+    mode: str = "RGB",
+    size: int = 32,
+    bad_label: int | None = None,
+) -> Path:
     """A dataset with the hub's cifar10 features, as train.parquet and test.parquet in `folder`."""
     import datasets
 
@@ -58,7 +77,9 @@ def write_parquet_dataset(folder: Path, train_rows: int = 256, test_rows: int = 
         if bad_label is not None:
             labels[3] = bad_label
             features["label"] = datasets.Value("int64")
-        datasets.Dataset.from_dict({column: images, "label": labels}, features=features).to_parquet(folder / f"{split}.parquet")
+        datasets.Dataset.from_dict({column: images, "label": labels}, features=features).to_parquet(
+            folder / f"{split}.parquet"
+        )
     return folder
 
 
@@ -74,24 +95,55 @@ def launch_command(processes: int = 1, launcher: str = "accelerate", script: str
         return [sys.executable, script]
     if processes == 1:
         return [str(bin_dir / "accelerate"), "launch", "--config_file", "launch/cpu.yaml", script]
-    return [str(bin_dir / "accelerate"), "launch", "--config_file", "launch/cpu_multi.yaml",
-            "--num_processes", str(processes), "--main_process_port", str(free_port()), script]
+    return [
+        str(bin_dir / "accelerate"),
+        "launch",
+        "--config_file",
+        "launch/cpu_multi.yaml",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        script,
+    ]
 
 
 def train_args(output_dir: Path, data: Path, *extra: str) -> list[str]:
     """A tiny, fast run of train.py on `data`: 256 images, batch 32, 2 epochs."""
     return [
-        "--output_dir", str(output_dir), "--data.path", str(data), *TINY_MODEL,
-        "--train.epochs", "2", "--train.batch_size", "32", "--train.eval_batch_size", "50",
-        "--train.log_every", "1", "--tracking.report_to", "none", "--optim.name", "adam", "--optim.lr", "0.003",
-        "--optim.schedule", "cosine", "--optim.warmup_epochs", "0.5", *extra,
+        "--output_dir",
+        str(output_dir),
+        "--data.path",
+        str(data),
+        *TINY_MODEL,
+        "--train.epochs",
+        "2",
+        "--train.batch_size",
+        "32",
+        "--train.eval_batch_size",
+        "50",
+        "--train.log_every",
+        "1",
+        "--tracking.report_to",
+        "none",
+        "--optim.name",
+        "adam",
+        "--optim.lr",
+        "0.003",
+        "--optim.schedule",
+        "cosine",
+        "--optim.warmup_epochs",
+        "0.5",
+        *extra,
     ]
 
 
 def run(command: list[str], timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
-        raise AssertionError(f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+        )
     return result
 
 
@@ -148,7 +200,7 @@ def read_wandb_records(path: Path) -> list:
         if chunk_type == 0:  # zero padding up to the end of the block
             position += left_in_block
             continue
-        payload = data[position + LOG_HEADER.size: position + LOG_HEADER.size + length]
+        payload = data[position + LOG_HEADER.size : position + LOG_HEADER.size + length]
         position += LOG_HEADER.size + length
         pending = payload if chunk_type in (FULL, FIRST) else pending + payload
         if chunk_type in (FULL, LAST):

@@ -19,10 +19,20 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 POSITIVE = [
-    "bare_images_per_second", "loop_images_per_second", "data_images_per_second", "data_batches_per_second",
-    "loop_vs_bare_ratio", "data_vs_step_ratio", "checkpoint_save_seconds", "checkpoint_load_seconds",
-    "startup_seconds", "first_step_seconds", "launch_to_first_step_seconds",
-    "num_threads", "batch_size", "repetitions",
+    "bare_images_per_second",
+    "loop_images_per_second",
+    "data_images_per_second",
+    "data_batches_per_second",
+    "loop_vs_bare_ratio",
+    "data_vs_step_ratio",
+    "checkpoint_save_seconds",
+    "checkpoint_load_seconds",
+    "startup_seconds",
+    "first_step_seconds",
+    "launch_to_first_step_seconds",
+    "num_threads",
+    "batch_size",
+    "repetitions",
 ]
 
 
@@ -32,13 +42,20 @@ def test_quick_benchmark_writes_all_figures(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TMPDIR": str(scratch)}
     result = subprocess.run(
         [sys.executable, "-m", "distcifar.benchmark", "--quick", "--output", str(output)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(output.read_text())
 
     for key in POSITIVE:
-        assert isinstance(figures[key], (int, float)) and math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
+        assert isinstance(figures[key], (int, float)) and math.isfinite(figures[key]) and figures[key] > 0, (
+            key,
+            figures[key],
+        )
     assert figures["device"].split(":")[0] in ("cpu", "cuda")
     assert figures["device_name"]
     assert figures["mixed_precision"] in ("no", "bf16", "fp16")
@@ -60,9 +77,25 @@ def test_two_processes_report_total_throughput_communication_share_and_efficienc
     scratch.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TMPDIR": str(scratch)}
     result = subprocess.run(
-        [sys.executable, "-m", "distcifar.benchmark", "--quick", "--processes", "2", "--predict", "2,8",
-         "--bandwidth", "nvlink,12.5", "--output", str(output)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "distcifar.benchmark",
+            "--quick",
+            "--processes",
+            "2",
+            "--predict",
+            "2,8",
+            "--bandwidth",
+            "nvlink,12.5",
+            "--output",
+            str(output),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     combined = json.loads(output.read_text())
@@ -86,7 +119,11 @@ def test_two_processes_report_total_throughput_communication_share_and_efficienc
     assert two["speedup"] == two["total_images_per_second"] / one["loop_images_per_second"]
     assert two["scaling_efficiency"] == two["speedup"] / 2
     assert [(row["link"], row["processes"]) for row in two["prediction"]] == [
-        ("nvlink", 2), ("nvlink", 8), ("12.5 GB/s", 2), ("12.5 GB/s", 8)]
+        ("nvlink", 2),
+        ("nvlink", 8),
+        ("12.5 GB/s", 2),
+        ("12.5 GB/s", 8),
+    ]
     assert [row["processes"] for row in combined["table"]] == [1, 2]
     assert combined["table"][1]["speedup"] == two["speedup"]
     assert "communication share" in result.stdout and "scaling: the same config" in result.stdout
@@ -133,8 +170,20 @@ def test_prediction_from_a_given_step_time_needs_no_measurement(tmp_path, capsys
     from distcifar import benchmark
 
     output = tmp_path / "predict.json"
-    result = benchmark.main(["--step_seconds", "0.001", "--predict", "2,16", "--bandwidth", "ib-ndr,eth-25g",
-                             "--ddp.comm_hook", "fp16", "--output", str(output)])
+    result = benchmark.main(
+        [
+            "--step_seconds",
+            "0.001",
+            "--predict",
+            "2,16",
+            "--bandwidth",
+            "ib-ndr,eth-25g",
+            "--ddp.comm_hook",
+            "fp16",
+            "--output",
+            str(output),
+        ]
+    )
     assert json.loads(output.read_text()) == json.loads(json.dumps(result))
     assert result["gradient_megabytes"] == pytest.approx(46.633188 / 2)
     rows = {(row["link"], row["processes"]): row for row in result["prediction"]}
@@ -143,16 +192,25 @@ def test_prediction_from_a_given_step_time_needs_no_measurement(tmp_path, capsys
     assert "accumulation for <= 20%" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--predict", "0"], "--predict takes process counts >= 1"),
-    (["--predict", "2", "--bandwidth", "carrier-pigeon"], "--bandwidth: a bandwidth is a number of GB/s or one of nvlink"),
-    (["--step_seconds", "0.01"], "--step_seconds needs a value > 0 and --predict"),
-    (["--processes", "1,2", "--baseline", "x.json"], "--processes measures its own baseline"),
-    (["--processes", "1,2,3", "--train.batch_size", "128"], "train.batch_size 128 does not split over [3] processes"),
-    (["--ddp.powersgd_start_step", "1"], "ddp.powersgd_start_step must be >= 2"),
-    (["--ddp.bucket_cap_mb", "0"], "ddp.bucket_cap_mb must be > 0"),
-    (["--ddp.comm_hook", "int8"], "ddp.comm_hook"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--predict", "0"], "--predict takes process counts >= 1"),
+        (
+            ["--predict", "2", "--bandwidth", "carrier-pigeon"],
+            "--bandwidth: a bandwidth is a number of GB/s or one of nvlink",
+        ),
+        (["--step_seconds", "0.01"], "--step_seconds needs a value > 0 and --predict"),
+        (["--processes", "1,2", "--baseline", "x.json"], "--processes measures its own baseline"),
+        (
+            ["--processes", "1,2,3", "--train.batch_size", "128"],
+            "train.batch_size 128 does not split over [3] processes",
+        ),
+        (["--ddp.powersgd_start_step", "1"], "ddp.powersgd_start_step must be >= 2"),
+        (["--ddp.bucket_cap_mb", "0"], "ddp.bucket_cap_mb must be > 0"),
+        (["--ddp.comm_hook", "int8"], "ddp.comm_hook"),
+    ],
+)
 def test_scaling_options_are_checked(argv, message, capsys):
     from distcifar import benchmark
 

@@ -14,12 +14,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from support import REPO, TINY_MODEL_CONFIG as TINY, kill_tree, launch_command, read_metrics, run, train_args
 from distcifar.checkpoint import Checkpointer, CheckpointError
 from distcifar.config import CheckpointConfig, Config, ModelConfig
 from distcifar.engine import RunState
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
+from support import REPO, kill_tree, launch_command, read_metrics, run, train_args
+from support import TINY_MODEL_CONFIG as TINY
 
 FILES = {"manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
 
@@ -49,8 +50,9 @@ def _checkpointer(accelerator, root, config: Config, keep=5):
 
 def _save(accelerator, root, step, keep=5, **state):
     cfg, model, optimizer, scheduler = _trained_state(step)
-    _checkpointer(accelerator, root, cfg, keep).save(RunState(step=step, **state), model=model, optimizer=optimizer,
-                                                      scheduler=scheduler)
+    _checkpointer(accelerator, root, cfg, keep).save(
+        RunState(step=step, **state), model=model, optimizer=optimizer, scheduler=scheduler
+    )
     return cfg, model, optimizer, scheduler
 
 
@@ -129,8 +131,9 @@ def test_config_mismatch_names_the_fields(accelerator, tmp_path):
     other.data.train_limit = 100
     _, model, optimizer, scheduler = _trained_state()
     with pytest.raises(CheckpointError, match=r"data\.train_limit .*model\.block_channels|model\.block_channels"):
-        _checkpointer(accelerator, tmp_path, other).load(tmp_path / "step_00000003", model=model, optimizer=optimizer,
-                                                         scheduler=scheduler)
+        _checkpointer(accelerator, tmp_path, other).load(
+            tmp_path / "step_00000003", model=model, optimizer=optimizer, scheduler=scheduler
+        )
     changed_data = Config(model=TINY)
     changed_data.data.train_limit = 100
     ckpt = _checkpointer(accelerator, tmp_path, changed_data)
@@ -143,6 +146,7 @@ def test_config_mismatch_names_the_fields(accelerator, tmp_path):
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerator, tmp_path, name):
     """A state tensor laid out unlike its parameter knocks the foreach/fused update off its fast path."""
+
     def channels_last_state(seed):
         torch.manual_seed(seed)
         cfg = Config(model=TINY)
@@ -176,8 +180,9 @@ def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerat
 
 
 def _start(command):
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _kill_after_checkpoint(command, folder, timeout=240):
@@ -202,7 +207,9 @@ def _assert_same_run(straight, resumed):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
-    evals = lambda out: [(m["step"], m["eval/accuracy"], m["eval/loss"]) for m in read_metrics(out) if "eval/accuracy" in m]  # noqa: E731
+    evals = lambda out: [
+        (m["step"], m["eval/accuracy"], m["eval/loss"]) for m in read_metrics(out) if "eval/accuracy" in m
+    ]  # noqa: E731
     assert evals(resumed)[-1] == evals(straight)[-1]
     summary = lambda out: json.loads((out / "summary.json").read_text())  # noqa: E731
     assert summary(resumed)["test_accuracy"] == summary(straight)["test_accuracy"]
@@ -223,8 +230,10 @@ def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, e
     args = ["--checkpoint.every_steps", "5", "--model.dropout", "0.5", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(launch_command(processes) + train_args(straight, synthetic_data, *args))
-    _kill_after_checkpoint(launch_command(processes) + train_args(resumed, synthetic_data, *args),
-                           resumed / "checkpoints" / "step_00000005")
+    _kill_after_checkpoint(
+        launch_command(processes) + train_args(resumed, synthetic_data, *args),
+        resumed / "checkpoints" / "step_00000005",
+    )
     result = run(launch_command(processes) + train_args(resumed, synthetic_data, *args))
     # from the mid-epoch checkpoint (step 5 of 8 in epoch 1), not an epoch end and not from scratch
     assert f"resumed from {resumed / 'checkpoints' / 'step_00000005'} at step 5" in result.stdout
@@ -237,7 +246,9 @@ def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, e
 def test_resume_on_a_different_number_of_processes(tmp_path, synthetic_data):
     out = tmp_path / "run"
     args = ["--checkpoint.every_steps", "5"]
-    _kill_after_checkpoint(launch_command(2) + train_args(out, synthetic_data, *args), out / "checkpoints" / "step_00000005")
+    _kill_after_checkpoint(
+        launch_command(2) + train_args(out, synthetic_data, *args), out / "checkpoints" / "step_00000005"
+    )
     result = run(launch_command(1) + train_args(out, synthetic_data, *args))
     assert "resumed from" in result.stdout and "1 process(es)" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -268,8 +279,10 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, synthetic_dat
 def test_export_and_evaluate_script(tmp_path, synthetic_data):
     out = tmp_path / "run"
     # a trained model (about all synthetic classes right), so that the comparison is not one of one-class answers
-    run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.batch_size", "16",
-                                                          "--train.epochs", "3", "--model.dropout", "0.0"))
+    run(
+        launch_command(1, launcher="python")
+        + train_args(out, synthetic_data, "--train.batch_size", "16", "--train.epochs", "3", "--model.dropout", "0.0")
+    )
     summary = json.loads((out / "summary.json").read_text())
     trained = json.loads((out / "confusion.json").read_text())["confusion"]  # train.py's own last evaluation
     assert summary["test_accuracy"] > 0.5
@@ -278,8 +291,10 @@ def test_export_and_evaluate_script(tmp_path, synthetic_data):
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pkl", ".pt", ".pth")]
     for target in (out / "final", sorted((out / "checkpoints").glob("step_*"))[-1]):
         report = tmp_path / "eval.json"
-        result = run(launch_command(2, script="distcifar/evaluate.py") + [
-            str(target), "--data.path", str(synthetic_data), "--output", str(report)])
+        result = run(
+            launch_command(2, script="distcifar/evaluate.py")
+            + [str(target), "--data.path", str(synthetic_data), "--output", str(report)]
+        )
         evaluation = json.loads(report.read_text())
         assert evaluation["eval_samples"] == 101 and evaluation["num_processes"] == 2
         assert evaluation["confusion"] == trained

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from support import REPO
 from distcifar.config import Config, ConfigError, config_from_dict, flatten, parse_config
+from support import REPO
 
 
 def load_config(argv):
@@ -31,7 +31,13 @@ def test_shipped_recipes_load(recipe):
 
 def test_seed_recipe_is_the_coursework():
     cfg = load_config(["--config", str(REPO / "configs" / "seed.yaml")])
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.step_epochs, cfg.optim.step_gamma) == ("adam", 0.002, "step", 10, 0.5)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.step_epochs, cfg.optim.step_gamma) == (
+        "adam",
+        0.002,
+        "step",
+        10,
+        0.5,
+    )
     assert (cfg.train.epochs, cfg.train.batch_size) == (80, 1024)
     assert set(cfg.data.augment) >= {"crop", "hflip", "vflip", "rotate", "color_jitter"}
 
@@ -41,7 +47,7 @@ def test_seed_recipe_is_the_coursework():
     [
         (["--optim.lrr", "0.1"], "unknown option --optim.lrr (did you mean --optim.lr?)"),
         (["--trian.epochs", "3"], "did you mean --train.epochs?"),
-        (["--train.epochs", "three"], 'key "train.epochs": Expected a <class \'int\'>. Got value: three'),
+        (["--train.epochs", "three"], "key \"train.epochs\": Expected a <class 'int'>. Got value: three"),
         (["--train.channels_last", "maybe"], 'key "train.channels_last"'),
         (["--optim.lr", "-0.1"], "optim.lr must be > 0"),
         (["--train.batch_size", "0"], "train.batch_size must be > 0"),
@@ -61,21 +67,33 @@ def test_bad_config_is_one_clear_error(argv, message):
 
 
 def test_train_py_exits_2_with_one_line_before_heavy_work():
-    result = subprocess.run([sys.executable, "distcifar/train.py", "--optim.lrr", "0.1"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "distcifar/train.py", "--optim.lrr", "0.1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: unknown option --optim.lrr (did you mean --optim.lr?); see --help"]
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown option --optim.lrr (did you mean --optim.lr?); see --help"
+    ]
 
 
 def test_values_mean_what_a_user_means(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5e-4\ntrain:\n  mixed_precision: no\n  channels_last: false\n")
+    recipe.write_text(
+        "optim:\n  lr: 1e-3\n  weight_decay: 5e-4\ntrain:\n  mixed_precision: no\n  channels_last: false\n"
+    )
     cfg = load_config(["--config", str(recipe), "--tracking.run_name", "2024", "--tracking.group", "no"])
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.001, 0.0005)
     assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False
     assert cfg.tracking.run_name == "2024" and cfg.tracking.group == "no"
     assert load_config(["--optim.lr", "1e-3", "--train.mixed_precision", "no"]).optim.lr == 0.001
-    assert load_config(["--model.block_halve", "[true,false,true,false,true,false]"]).model.block_halve[:2] == [True, False]
+    assert load_config(["--model.block_halve", "[true,false,true,false,true,false]"]).model.block_halve[:2] == [
+        True,
+        False,
+    ]
 
 
 @pytest.mark.parametrize("script", ["distcifar/train.py", "distcifar/evaluate.py", "distcifar/benchmark.py"])
@@ -89,10 +107,18 @@ def test_help_lists_every_field_with_its_comment_and_default(script):
     assert "auto: the newest good checkpoint in OUTPUT_DIR/checkpoints; never; or a checkpoint folder." in text
 
 
-@pytest.mark.parametrize("command", [["-m", "distcifar.train"], ["-m", "distcifar.evaluate", "x"],
-                                     ["-m", "distcifar.benchmark"], ["-m", "distcifar.plot", "x", "y"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "distcifar.train"],
+        ["-m", "distcifar.evaluate", "x"],
+        ["-m", "distcifar.benchmark"],
+        ["-m", "distcifar.plot", "x", "y"],
+    ],
+)
 def test_every_entry_point_turns_a_usage_error_into_exit_2(command):
-    result = subprocess.run([sys.executable, *command, "--train.epochs", "0"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, *command, "--train.epochs", "0"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")

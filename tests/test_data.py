@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import distcifar.data as data
-from support import CLASS_NAMES, REPO, free_port, make_images, run, write_parquet_dataset
 from distcifar.config import DataConfig
 from distcifar.data import DataError, TrainBatches, augment, augment_params, load_splits, normalize
+from support import CLASS_NAMES, REPO, free_port, make_images, run, write_parquet_dataset
 
 # The CIFAR-10 statistics, typed in again so the expectations do not read them from the code under test.
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
@@ -56,8 +56,9 @@ def test_the_decoded_cache_follows_the_data_when_it_changes_in_place(tmp_path):
     loaded = []
     for shift in (0, 3):
         rows = {"img": images, "label": [(y + shift) % 10 for y in labels]}
-        datasets.DatasetDict({split: datasets.Dataset.from_dict(rows, features=features) for split in ("train", "test")}
-                             ).save_to_disk(str(folder))
+        datasets.DatasetDict(
+            {split: datasets.Dataset.from_dict(rows, features=features) for split in ("train", "test")}
+        ).save_to_disk(str(folder))
         loaded.append(load_splits(cfg)[0])
     assert loaded[0].labels.tolist() == labels
     assert loaded[1].labels.tolist() == [(y + 3) % 10 for y in labels]
@@ -102,7 +103,9 @@ def test_save_to_disk_folder_limits_and_validation_split(synthetic_data, tmp_pat
 )
 def test_bad_datasets_are_named(tmp_path, kwargs, message):
     folder = write_parquet_dataset(tmp_path / "bad", train_rows=8, test_rows=4, **kwargs)
-    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         load_splits(DataConfig(path=str(folder), cache_dir=str(tmp_path / "c")))
 
 
@@ -137,8 +140,20 @@ else:
 
 
 def _hub_env(tmp_path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k.upper() not in
-           ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.upper()
+        not in (
+            "HF_HUB_OFFLINE",
+            "HF_DATASETS_OFFLINE",
+            "HF_ENDPOINT",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "NO_PROXY",
+        )
+    }
     return {**env, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO), **extra}
 
 
@@ -150,9 +165,14 @@ def _hf_datasets_cache(hf_home, parquet_folder) -> None:
     from datasets.packaged_modules.parquet.parquet import Parquet
 
     root = hf_home / "datasets"
-    builder = Parquet(cache_dir=str(root), dataset_name="cifar10", config_name="plain_text", config_id="plain_text",
-                      hash="0123456789abcdef0123456789abcdef01234567",
-                      data_files={split: str(parquet_folder / f"{split}.parquet") for split in ("train", "test")})
+    builder = Parquet(
+        cache_dir=str(root),
+        dataset_name="cifar10",
+        config_name="plain_text",
+        config_id="plain_text",
+        hash="0123456789abcdef0123456789abcdef01234567",
+        data_files={split: str(parquet_folder / f"{split}.parquet") for split in ("train", "test")},
+    )
     builder.download_and_prepare()
     (root / "cifar10").rename(root / "uoft-cs___cifar10")
 
@@ -211,7 +231,9 @@ def test_the_hub_is_reached_through_the_proxy_the_environment_names(tmp_path):
     try:
         proxy, closed = f"http://127.0.0.1:{server.server_address[1]}", f"http://127.0.0.1:{free_port()}"
         cases = [(proxy, ""), (closed, ""), (proxy, "hub.invalid")]  # a live proxy, a dead one, NO_PROXY for the hub
-        answers = run([sys.executable, "-c", _PROBE, json.dumps(cases)], env=_hub_env(tmp_path, HF_ENDPOINT="http://hub.invalid"))
+        answers = run(
+            [sys.executable, "-c", _PROBE, json.dumps(cases)], env=_hub_env(tmp_path, HF_ENDPOINT="http://hub.invalid")
+        )
         assert json.loads(answers.stdout.splitlines()[-1]) == [True, False, False]
         assert _Proxy.seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
     finally:
@@ -276,8 +298,12 @@ def _params(batch, cfg, **fixed):
 
 def test_hflip_and_vflip_are_flips_of_width_and_height():
     x = _uint8_batch(4)
-    for flips, dims in ((dict(hflip=True, vflip=False), [3]), (dict(hflip=False, vflip=True), [2]),
-                        (dict(hflip=True, vflip=True), [2, 3]), (dict(hflip=False, vflip=False), [])):
+    for flips, dims in (
+        (dict(hflip=True, vflip=False), [3]),
+        (dict(hflip=False, vflip=True), [2]),
+        (dict(hflip=True, vflip=True), [2, 3]),
+        (dict(hflip=False, vflip=False), []),
+    ):
         cfg = DataConfig(augment=["hflip", "vflip"])
         out = augment(x, _params(4, cfg, **flips), cfg)
         torch.testing.assert_close(out, _standardise(torch.flip(x, dims).float() / 255), msg=str(flips))
@@ -306,9 +332,9 @@ def test_crop_is_a_window_of_the_zero_padded_image_at_dx_dy():
     dx, dy = [0, 8, 1, 6, 4, 3], [5, 2, 8, 0, 4, 7]  # per image, dx != dy, the extremes 0 and 2 * pad included
     out = augment(x, _params(6, cfg, dx=dx, dy=dy), cfg)
     padded = torch.zeros(6, 3, 32 + 2 * pad, 32 + 2 * pad, dtype=torch.uint8)
-    padded[:, :, pad:pad + 32, pad:pad + 32] = x
+    padded[:, :, pad : pad + 32, pad : pad + 32] = x
     for k in range(6):
-        window = padded[k, :, dy[k]:dy[k] + 32, dx[k]:dx[k] + 32]  # dy picks rows, dx picks columns
+        window = padded[k, :, dy[k] : dy[k] + 32, dx[k] : dx[k] + 32]  # dy picks rows, dx picks columns
         torch.testing.assert_close(out[k], _standardise(window.float() / 255)[0], msg=f"image {k}")
     # By hand for image 0 (dx 0, dy 5): moved right by 4 and up by 1; the first 4 columns and the last row are black.
     black = _standardise(torch.zeros(1, 3, 1, 1))[0]
@@ -325,7 +351,9 @@ def test_rotation_by_90_degrees_is_rot90_counter_clockwise():
     out = augment(x, _params(3, cfg, angle=[math.pi / 2, 0.0, -math.pi / 2]), cfg)
     torch.testing.assert_close(out[0], _standardise(torch.rot90(x[0:1], 1, (2, 3)).float() / 255)[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[1], _standardise(x[1:2].float() / 255)[0])  # angle 0: untouched
-    torch.testing.assert_close(out[2], _standardise(torch.rot90(x[2:3], -1, (2, 3)).float() / 255)[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        out[2], _standardise(torch.rot90(x[2:3], -1, (2, 3)).float() / 255)[0], atol=1e-4, rtol=0
+    )
     # By hand: +90 degrees moves the top-right corner pixel to the top-left.
     dot = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     dot[0, :, 0, 31] = 255
@@ -342,21 +370,31 @@ def _luma(x):
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
-@pytest.mark.parametrize("b, c, s", [(1.3, 1.0, 1.0), (0.6, 1.0, 1.0), (1.0, 0.5, 1.0), (1.0, 1.4, 1.0),
-                                     (1.0, 1.0, 0.0), (1.0, 1.0, 1.6), (1.2, 0.7, 1.3)])
+@pytest.mark.parametrize(
+    "b, c, s",
+    [
+        (1.3, 1.0, 1.0),
+        (0.6, 1.0, 1.0),
+        (1.0, 0.5, 1.0),
+        (1.0, 1.4, 1.0),
+        (1.0, 1.0, 0.0),
+        (1.0, 1.0, 1.6),
+        (1.2, 0.7, 1.3),
+    ],
+)
 def test_color_jitter_matches_the_hand_formulas(b, c, s):
     cfg = DataConfig(augment=["color_jitter"])
     x = _uint8_batch(4)
     out = augment(x, _params(4, cfg, jitter=[b, c, s]), cfg)
-    y = x.float() / 255 * b                                 # brightness: scale
-    mean = _luma(y).mean((2, 3), keepdim=True)              # contrast: about the mean grey level of the image
+    y = x.float() / 255 * b  # brightness: scale
+    mean = _luma(y).mean((2, 3), keepdim=True)  # contrast: about the mean grey level of the image
     y = (y - mean) * c + mean
-    y = _luma(y) + (y - _luma(y)) * s                       # saturation: away from each pixel's grey
+    y = _luma(y) + (y - _luma(y)) * s  # saturation: away from each pixel's grey
     torch.testing.assert_close(out, _standardise(y.clamp(0, 1)), atol=2e-6, rtol=0)
     if (c, s) == (1.0, 1.0):
         torch.testing.assert_close(out, _standardise((x.float() / 255 * b).clamp(0, 1)), atol=2e-6, rtol=0)
     if s == 0.0:  # no saturation: grey, every channel the same luma
-        grey = (out * STD + MEAN)
+        grey = out * STD + MEAN
         torch.testing.assert_close(grey[:, 0], grey[:, 1], atol=2e-6, rtol=0)
         torch.testing.assert_close(grey[:, 1], grey[:, 2], atol=2e-6, rtol=0)
 
@@ -370,8 +408,12 @@ def test_color_jitter_factors_act_per_image():
 
 
 def test_augment_params_are_per_image_within_their_ranges_and_reproducible():
-    cfg = DataConfig(augment=["crop", "hflip", "vflip", "rotate", "color_jitter"], crop_padding=4,
-                     rotate_degrees=15.0, color_jitter=0.2)
+    cfg = DataConfig(
+        augment=["crop", "hflip", "vflip", "rotate", "color_jitter"],
+        crop_padding=4,
+        rotate_degrees=15.0,
+        color_jitter=0.2,
+    )
     params = augment_params(512, cfg, torch.Generator().manual_seed(7), "cpu")
     for key in ("dx", "dy"):
         assert params[key].dtype == torch.int64 and set(params[key].tolist()) == set(range(9)), key  # 0..2 * pad
@@ -383,7 +425,7 @@ def test_augment_params_are_per_image_within_their_ranges_and_reproducible():
     assert params["angle"].abs().max() <= limit
     assert params["angle"].min() < -0.9 * limit and params["angle"].max() > 0.9 * limit
     assert params["jitter"].shape == (512, 3)
-    assert 0.8 <= params["jitter"].min() and params["jitter"].max() <= 1.2
+    assert params["jitter"].min() >= 0.8 and params["jitter"].max() <= 1.2
     for column in params["jitter"].unbind(1):  # brightness, contrast and saturation each span the range
         assert column.min() < 0.82 and column.max() > 1.18
     assert not torch.equal(params["jitter"][:, 0], params["jitter"][:, 1])
@@ -400,13 +442,23 @@ def test_augmentations_left_out_of_the_config_do_nothing():
     assert (params["dx"] == 0).all() and (params["dy"] == 0).all()
     assert not params["hflip"].any() and not params["vflip"].any()
     x = _uint8_batch(8)
-    torch.testing.assert_close(augment(x, augment_params(8, cfg, torch.Generator().manual_seed(0), "cpu"), cfg),
-                               _standardise(x.float() / 255))
+    torch.testing.assert_close(
+        augment(x, augment_params(8, cfg, torch.Generator().manual_seed(0), "cpu"), cfg), _standardise(x.float() / 255)
+    )
 
 
 def _batches(train, world, rank, accum):
-    return TrainBatches(train, DataConfig(), batch_size=32, grad_accum_steps=accum, rank=rank, world_size=world,
-                        seed=3, device="cpu", channels_last=False)
+    return TrainBatches(
+        train,
+        DataConfig(),
+        batch_size=32,
+        grad_accum_steps=accum,
+        rank=rank,
+        world_size=world,
+        seed=3,
+        device="cpu",
+        channels_last=False,
+    )
 
 
 def test_epoch_uses_every_sample_once_apart_from_drop_last():
@@ -422,8 +474,10 @@ def test_global_batch_is_identical_whatever_the_ranks_and_accumulation():
     train = data.Split(_uint8_batch(100), torch.arange(100))
     single = [(x, y) for _, micro in _batches(train, 1, 0, 1).epoch(0, start_step=1) for x, y in micro]
     for world, accum in ((2, 1), (2, 2), (1, 4)):
-        ranks = [[(x, y) for _, micro in _batches(train, world, r, accum).epoch(0, start_step=1) for x, y in micro]
-                 for r in range(world)]
+        ranks = [
+            [(x, y) for _, micro in _batches(train, world, r, accum).epoch(0, start_step=1) for x, y in micro]
+            for r in range(world)
+        ]
         # Reassemble each step's global batch: micro-batch m of rank r sits at (m * world + r).
         for step in range(len(single)):
             parts = [ranks[r][step * accum + m] for m in range(accum) for r in range(world)]

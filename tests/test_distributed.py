@@ -73,18 +73,36 @@ def _tool(name: str) -> str | None:
 
 
 ACCELERATE, TORCHRUN = _tool("accelerate"), _tool("torchrun")
-pytestmark = pytest.mark.skipif(ACCELERATE is None or TORCHRUN is None,
-                                reason="the accelerate / torchrun launchers are not installed")
+pytestmark = pytest.mark.skipif(
+    ACCELERATE is None or TORCHRUN is None, reason="the accelerate / torchrun launchers are not installed"
+)
 
 STEPS, STEPS_PER_EPOCH = 10, 8  # 256 training images / global batch 32: the run crosses an epoch
 TRAIN_IMAGES, TEST_IMAGES = 256, 101  # 101: not divisible by 2 or 3 processes, nor by eval batches
 TINY = [
     *TINY_MODEL,
-    "--data.train_limit", "256", "--data.eval_limit", str(TEST_IMAGES),
-    "--train.batch_size", "32", "--train.eval_batch_size", "16",
-    "--train.epochs", "2", "--train.max_steps", str(STEPS), "--train.log_every", "1",
-    "--train.mixed_precision", "no", "--optim.lr", "0.01",
-    "--tracking.report_to", "none", "--tracking.plots", "false",
+    "--data.train_limit",
+    "256",
+    "--data.eval_limit",
+    str(TEST_IMAGES),
+    "--train.batch_size",
+    "32",
+    "--train.eval_batch_size",
+    "16",
+    "--train.epochs",
+    "2",
+    "--train.max_steps",
+    str(STEPS),
+    "--train.log_every",
+    "1",
+    "--train.mixed_precision",
+    "no",
+    "--optim.lr",
+    "0.01",
+    "--tracking.report_to",
+    "none",
+    "--tracking.plots",
+    "false",
 ]
 LAUNCH_TIMEOUT_S = 300  # a launch that hangs fails the test instead of the whole session
 
@@ -97,11 +115,19 @@ class Lab:
 
     def env(self, **extra: str) -> dict:
         """This environment without anything a launcher or cluster sets, plus the test settings."""
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "ACCELERATE_", "TORCHELASTIC_", "PET_", "PROBE_"))
-               and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                   HF_HOME=str(self.root / "hf_home"))
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "ACCELERATE_", "TORCHELASTIC_", "PET_", "PROBE_"))
+            and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
+        env.update(
+            HF_HUB_OFFLINE="1",
+            WANDB_MODE="offline",
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            HF_HOME=str(self.root / "hf_home"),
+        )
         env.update(extra)
         return env
 
@@ -140,8 +166,9 @@ class Run:
 
 
 def start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
@@ -154,21 +181,47 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def train_run(lab: Lab, name: str, launcher: list[str], args: list[str] = (), *, script: list[str] | None = None,
-              env: dict | None = None, data: Path | None = None, timeout: float = LAUNCH_TIMEOUT_S) -> Run:
+def train_run(
+    lab: Lab,
+    name: str,
+    launcher: list[str],
+    args: list[str] = (),
+    *,
+    script: list[str] | None = None,
+    env: dict | None = None,
+    data: Path | None = None,
+    timeout: float = LAUNCH_TIMEOUT_S,
+) -> Run:
     """Launch train.py (or `script`) with the tiny settings, in its own output and cache folders."""
     base = lab.root / name
     output_dir, cache_dir = base / "out", base / "cache"
-    cmd = [*launcher, *(script or [str(TRAIN)]), *TINY, "--data.path", str(data or lab.data),
-           "--data.cache_dir", str(cache_dir), "--output_dir", str(output_dir), *args]
+    cmd = [
+        *launcher,
+        *(script or [str(TRAIN)]),
+        *TINY,
+        "--data.path",
+        str(data or lab.data),
+        "--data.cache_dir",
+        str(cache_dir),
+        "--output_dir",
+        str(output_dir),
+        *args,
+    ]
     began = time.monotonic()
     code, out, err = finish(start(cmd, env or lab.env()), timeout)
     return Run(name, cmd, code, out, err, time.monotonic() - began, time.time(), output_dir, cache_dir)
 
 
 def accelerate(config: str, *options: str) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / config),
-            "--main_process_port", str(free_port()), *options]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "launch" / config),
+        "--main_process_port",
+        str(free_port()),
+        *options,
+    ]
 
 
 def torchrun(nproc: int) -> list[str]:
@@ -218,17 +271,49 @@ def two_nodes_run(lab) -> list[Run]:
     dump_dir = base / "rank_states"
     procs = []
     for machine_rank in (0, 1):
-        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "multi_node.yaml"),
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               str(PROBE), "train", *TINY, "--data.path", str(lab.data),
-               "--data.cache_dir", str(base / "cache"), "--output_dir", str(base / "out")]
+        cmd = [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(ROOT / "launch" / "multi_node.yaml"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            str(PROBE),
+            "train",
+            *TINY,
+            "--data.path",
+            str(lab.data),
+            "--data.cache_dir",
+            str(base / "cache"),
+            "--output_dir",
+            str(base / "out"),
+        ]
         procs.append((cmd, time.monotonic(), start(cmd, lab.env(PROBE_DUMP_DIR=str(dump_dir)))))
     runs = []
     for machine_rank, (cmd, began, proc) in enumerate(procs):
         code, out, err = finish(proc, LAUNCH_TIMEOUT_S)
-        runs.append(Run(f"node{machine_rank}", cmd, code, out, err, time.monotonic() - began, time.time(),
-                        base / "out", base / "cache", dump_dir))
+        runs.append(
+            Run(
+                f"node{machine_rank}",
+                cmd,
+                code,
+                out,
+                err,
+                time.monotonic() - began,
+                time.time(),
+                base / "out",
+                base / "cache",
+                dump_dir,
+            )
+        )
     return runs
 
 
@@ -239,9 +324,28 @@ def check_run(lab, cpu_multi_run) -> dict:
     assert cpu_multi_run.returncode == 0, cpu_multi_run.describe()
     out = lab.root / "check" / "check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [*accelerate("cpu_multi.yaml", "--num_processes", "3"), str(PROBE), "check", "--out", str(out),
-           "--train", "250", "--batch_size", "48", "--accum", "1", "2", "--epochs", "2",
-           "--run", str(cpu_multi_run.output_dir), "--eval_batch_size", "16", "7", "1000"]
+    cmd = [
+        *accelerate("cpu_multi.yaml", "--num_processes", "3"),
+        str(PROBE),
+        "check",
+        "--out",
+        str(out),
+        "--train",
+        "250",
+        "--batch_size",
+        "48",
+        "--accum",
+        "1",
+        "2",
+        "--epochs",
+        "2",
+        "--run",
+        str(cpu_multi_run.output_dir),
+        "--eval_batch_size",
+        "16",
+        "7",
+        "1000",
+    ]
     code, stdout, stderr = finish(start(cmd, lab.env()), LAUNCH_TIMEOUT_S)
     assert code == 0 and out.exists(), f"{' '.join(cmd)}\nexit code {code}\n{(stdout + stderr)[-6000:]}"
     return json.loads(out.read_text())
@@ -336,12 +440,12 @@ def test_every_sample_used_once_per_epoch_across_ranks(check_run):
         assert len(used) == len(set(used)), f"{where}: a sample used twice"
         assert len(used) == steps * batch
         # none missing apart from the documented drop_last: the permutation's last n % batch
-        assert set(range(n)) - set(used) == set(order[steps * batch:]), where
-        assert len(order[steps * batch:]) == n % batch
+        assert set(range(n)) - set(used) == set(order[steps * batch :]), where
+        assert len(order[steps * batch :]) == n % batch
         for step in range(steps):
             global_batch = [i for rank in run["indices"] for mb in rank[step] for i in mb]
             # each optimizer step is exactly its slice of the permutation, as in a 1-process run
-            assert sorted(global_batch) == sorted(order[step * batch:(step + 1) * batch]), f"{where}, step {step}"
+            assert sorted(global_batch) == sorted(order[step * batch : (step + 1) * batch]), f"{where}, step {step}"
             assert sorted(global_batch) == sorted(run["one_process_indices"][step]), f"{where}, step {step}"
         assert all(run["same_augmented_images_as_one_process"]), f"{where}: augmentation depends on the rank layout"
         assert all(run["resume_ok"]) and all(run["rank_indices_ok"]), where
@@ -376,8 +480,7 @@ def test_evaluation_counts_every_test_image_once(cpu_multi_run, check_run):
 def test_two_processes_on_real_cifar10_count_each_test_image_once(lab, real_data):
     """The real dataset (DISTCIFAR_TEST_DATA; skipped without it): 2 processes decode it once into
     the cache, train with identical weights and evaluate 101 real test images exactly once."""
-    run = train_run(lab, "real", accelerate("cpu_multi.yaml"), ["--train.max_steps", "3"], data=real_data,
-                    timeout=600)
+    run = train_run(lab, "real", accelerate("cpu_multi.yaml"), ["--train.max_steps", "3"], data=real_data, timeout=600)
     assert run.returncode == 0, run.describe()
     summary = run.summary()
     assert summary["num_processes"] == 2 and summary["global_step"] == 3
@@ -401,10 +504,15 @@ def expected_logged_lr(step: int) -> float:
 
 
 def test_lr_at_each_global_step_is_the_same_for_any_processes_and_accumulation(
-        python_run, cpu_multi_run, torchrun_run, cpu_yaml_run):
+    python_run, cpu_multi_run, torchrun_run, cpu_yaml_run
+):
     series = {}
-    for label, run in {"1 proc, accum 1": python_run, "2 procs, accum 1": cpu_multi_run,
-                       "2 procs, accum 2": torchrun_run, "1 proc, accum 4": cpu_yaml_run}.items():
+    for label, run in {
+        "1 proc, accum 1": python_run,
+        "2 procs, accum 1": cpu_multi_run,
+        "2 procs, accum 2": torchrun_run,
+        "1 proc, accum 4": cpu_yaml_run,
+    }.items():
         assert run.returncode == 0, run.describe()
         series[label] = [(row["step"], row["train/lr"]) for row in run.train_rows()]
     reference = series["1 proc, accum 1"]
@@ -428,7 +536,13 @@ def test_only_the_main_process_writes_files_and_prints(name, request):
     out = run.output_dir
     # exactly what the main process writes (plots are off): a new file here must be a deliberate one
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoints", "config.json", "confusion.json", "final", "metrics.jsonl", "summary.json"]
+        "checkpoints",
+        "config.json",
+        "confusion.json",
+        "final",
+        "metrics.jsonl",
+        "summary.json",
+    ]
     everything = [p.relative_to(out).as_posix() for p in out.rglob("*")]
     strays = [p for p in everything if re.search(r"rank[_-]?\d|\.tmp|(^|/)\.", p)]
     assert not strays, f"files a second rank or an interrupted write left: {strays}"
@@ -463,9 +577,15 @@ def _injected_failure_time(output: str) -> float:
 
 def test_an_exception_on_one_rank_ends_the_whole_job_with_the_error_shown(lab):
     # a generous collective timeout: the job must end because rank 1 died, not because it timed out
-    run = train_run(lab, "crash", accelerate("cpu_multi.yaml"), ["--train.collective_timeout_s", "120"],
-                    script=[str(PROBE), "train"], env=lab.env(PROBE_FAIL_RANK="1", PROBE_FAIL_STEP="3"),
-                    timeout=240)
+    run = train_run(
+        lab,
+        "crash",
+        accelerate("cpu_multi.yaml"),
+        ["--train.collective_timeout_s", "120"],
+        script=[str(PROBE), "train"],
+        env=lab.env(PROBE_FAIL_RANK="1", PROBE_FAIL_STEP="3"),
+        timeout=240,
+    )
     assert run.returncode != 0, run.describe()
     assert "RuntimeError: dist_probe: injected failure on rank 1" in run.output, run.describe()
     after_failure = run.ended_at - _injected_failure_time(run.output)
@@ -476,9 +596,15 @@ def test_an_exception_on_one_rank_ends_the_whole_job_with_the_error_shown(lab):
 @pytest.mark.skipif(not os.environ.get("DISTCIFAR_TEST_SLOW"), reason="about 70 s: set DISTCIFAR_TEST_SLOW=1")
 def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(lab):
     timeout_s = 10
-    run = train_run(lab, "stuck", accelerate("cpu_multi.yaml"), ["--train.collective_timeout_s", str(timeout_s)],
-                    script=[str(PROBE), "train"],
-                    env=lab.env(PROBE_FAIL_RANK="1", PROBE_FAIL_STEP="3", PROBE_HANG="1"), timeout=240)
+    run = train_run(
+        lab,
+        "stuck",
+        accelerate("cpu_multi.yaml"),
+        ["--train.collective_timeout_s", str(timeout_s)],
+        script=[str(PROBE), "train"],
+        env=lab.env(PROBE_FAIL_RANK="1", PROBE_FAIL_STEP="3", PROBE_HANG="1"),
+        timeout=240,
+    )
     assert run.returncode != 0, run.describe()
     match = re.search(r"rank 1 stops answering at step 3 \(unix time ([\d.]+)\)", run.output)
     assert match, run.describe()
@@ -502,8 +628,7 @@ def test_sync_batchnorm_on_cpu_processes_is_refused_in_one_line(lab):
 def test_srun_tasks_without_a_launcher_are_refused(lab):
     if not slurm_answers():
         pytest.skip("no Slurm cluster answers")
-    run = train_run(lab, "srun", ["srun", "--immediate=30", "--nodes=2", "--ntasks=2", sys.executable],
-                    timeout=240)
+    run = train_run(lab, "srun", ["srun", "--immediate=30", "--nodes=2", "--ntasks=2", sys.executable], timeout=240)
     if "Unable to allocate resources" in run.output or "Immediate execution impossible" in run.output:
         pytest.skip("the Slurm cluster is busy")
     refused = "refusing to train unsynchronised copies" in run.output
@@ -525,8 +650,16 @@ DDP_OPTIONS = {
     "batched_powersgd": ["--ddp.comm_hook", "batched_powersgd", "--ddp.powersgd_start_step", "2"],
     # no compression: the same sums in other buckets, so the very same numbers as "none"
     "layout": ["--ddp.static_graph", "true", "--ddp.gradient_as_bucket_view", "true", "--ddp.bucket_cap_mb", "0.01"],
-    "powersgd_accumulation": ["--ddp.comm_hook", "powersgd", "--ddp.powersgd_start_step", "2",
-                              "--ddp.gradient_as_bucket_view", "true", "--train.grad_accum_steps", "2"],
+    "powersgd_accumulation": [
+        "--ddp.comm_hook",
+        "powersgd",
+        "--ddp.powersgd_start_step",
+        "2",
+        "--ddp.gradient_as_bucket_view",
+        "true",
+        "--train.grad_accum_steps",
+        "2",
+    ],
     "static_graph_accumulation": ["--ddp.static_graph", "true", "--train.grad_accum_steps", "2"],
 }
 COMPRESSED = ["fp16", "bf16", "powersgd", "powersgd_accumulation"]
@@ -541,11 +674,30 @@ def ddp_options_run(lab) -> dict:
     """tests/dist_probe.py ddp: every DDP_OPTIONS entry, 2 processes (cpu_multi.yaml), one launch."""
     out = lab.root / "ddp_options" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [*accelerate("cpu_multi.yaml"), str(PROBE), "ddp", "--out", str(out), "--steps", str(DDP_STEPS),
-           "--options", json.dumps(DDP_OPTIONS), *TINY, "--optim.name", "adam", "--optim.lr", "0.003",
-           "--train.epochs", "40",  # the schedule: 8 warm-up steps, then a near-constant rate
-           "--data.path", str(lab.data), "--data.cache_dir", str(out.parent / "cache"),
-           "--output_dir", str(out.parent / "out")]
+    cmd = [
+        *accelerate("cpu_multi.yaml"),
+        str(PROBE),
+        "ddp",
+        "--out",
+        str(out),
+        "--steps",
+        str(DDP_STEPS),
+        "--options",
+        json.dumps(DDP_OPTIONS),
+        *TINY,
+        "--optim.name",
+        "adam",
+        "--optim.lr",
+        "0.003",
+        "--train.epochs",
+        "40",  # the schedule: 8 warm-up steps, then a near-constant rate
+        "--data.path",
+        str(lab.data),
+        "--data.cache_dir",
+        str(out.parent / "cache"),
+        "--output_dir",
+        str(out.parent / "out"),
+    ]
     code, stdout, stderr = finish(start(cmd, lab.env()), LAUNCH_TIMEOUT_S)
     assert code == 0 and out.exists(), f"{' '.join(cmd)}\nexit code {code}\n{(stdout + stderr)[-6000:]}"
     return json.loads(out.read_text())
@@ -592,13 +744,27 @@ def test_ddp_options_that_cannot_run_are_refused_with_what_to_use_instead(ddp_op
 def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
     """The options through train.py itself: fp16 compression, gradients as bucket views, small buckets
     and accumulation 2 (so DDP's no_sync is in play)."""
-    run = train_run(lab, "ddp_train", accelerate("cpu_multi.yaml"),
-                    ["--ddp.comm_hook", "fp16", "--ddp.gradient_as_bucket_view", "true", "--ddp.bucket_cap_mb", "0.05",
-                     "--train.grad_accum_steps", "2"])
+    run = train_run(
+        lab,
+        "ddp_train",
+        accelerate("cpu_multi.yaml"),
+        [
+            "--ddp.comm_hook",
+            "fp16",
+            "--ddp.gradient_as_bucket_view",
+            "true",
+            "--ddp.bucket_cap_mb",
+            "0.05",
+            "--train.grad_accum_steps",
+            "2",
+        ],
+    )
     assert run.returncode == 0, run.describe()
     assert run.summary()["global_step"] == STEPS
     assert json.loads((run.output_dir / "config.json").read_text())["ddp"]["comm_hook"] == "fp16"
-    diffs = {row["step"]: row["train/rank_weight_max_diff"] for row in run.metrics() if "train/rank_weight_max_diff" in row}
+    diffs = {
+        row["step"]: row["train/rank_weight_max_diff"] for row in run.metrics() if "train/rank_weight_max_diff" in row
+    }
     assert diffs == {step: 0.0 for step in range(1, STEPS + 1)}, f"{diffs}\n{run.describe()}"
 
 
@@ -625,8 +791,16 @@ RESUME_COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting would end the job after 
 def resume_run(lab: Lab, name: str, *probe_args: str) -> Run:
     """tests/dist_probe.py resume, 2 processes: each rank resumes from its own folder under lab.root/name."""
     base = lab.root / name
-    cmd = [*accelerate("cpu_multi.yaml"), str(PROBE), "resume", "--root", str(base),
-           "--collective_timeout_s", str(RESUME_COLLECTIVE_TIMEOUT_S), *probe_args]
+    cmd = [
+        *accelerate("cpu_multi.yaml"),
+        str(PROBE),
+        "resume",
+        "--root",
+        str(base),
+        "--collective_timeout_s",
+        str(RESUME_COLLECTIVE_TIMEOUT_S),
+        *probe_args,
+    ]
     began = time.monotonic()
     code, out, err = finish(start(cmd, lab.env()), 120)
     return Run(name, cmd, code, out, err, time.monotonic() - began, time.time(), base, base)

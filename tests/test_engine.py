@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distcifar import tracking
 from distcifar.checkpoint import Checkpointer
@@ -19,7 +20,6 @@ from distcifar.data import Split, normalize
 from distcifar.engine import Parts, RunState, StepReport, build, evaluate, optimizer_steps, train_step
 from distcifar.runtime import build_accelerator, resolve_precision
 from support import TINY_MODEL_CONFIG
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture
@@ -54,8 +54,9 @@ def test_grad_clip_bounds_the_update_and_reports_the_norm_before_clipping(accele
     model.zero_grad()
     clip = raw_norm / 4
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD, lr 1: the update is minus the gradient
-    _, grad_norm = train_step(accelerator, model, optimizer, [(images, labels)],
-                              OptimConfig(label_smoothing=0.0, grad_clip=clip), False)
+    _, grad_norm = train_step(
+        accelerator, model, optimizer, [(images, labels)], OptimConfig(label_smoothing=0.0, grad_clip=clip), False
+    )
     update = math.sqrt(sum(float((b - p.detach()).pow(2).sum()) for b, p in zip(before, model.parameters())))
     assert float(grad_norm) == pytest.approx(raw_norm, rel=1e-5)
     assert update == pytest.approx(clip, rel=1e-4)
@@ -97,8 +98,11 @@ def test_mixed_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, gpu,
 @pytest.mark.parametrize("every_steps, expected", [(0, [8, 16]), (5, [5, 8, 10, 15, 16]), (4, [4, 8, 12, 16])])
 def test_checkpointer_saves_at_epoch_ends_the_end_and_every_n_steps(accelerator, every_steps, expected):
     checkpoints = Checkpointer(accelerator, "unused", CheckpointConfig(every_steps=every_steps), {})
-    due = [step for step in range(1, 17)
-           if checkpoints.due(RunState(step=step), StepReport(), epoch_end=step % 8 == 0, last=step == 16)]
+    due = [
+        step
+        for step in range(1, 17)
+        if checkpoints.due(RunState(step=step), StepReport(), epoch_end=step % 8 == 0, last=step == 16)
+    ]
     assert due == expected
 
 
@@ -121,8 +125,9 @@ def test_evaluate_counts_true_rows_and_predicted_columns_and_the_mean_loss(accel
             return torch.tensor([[1.0, 0.0, 3.0]]).expand(len(images), 3)
 
     labels = torch.tensor([0, 2, 2, 1, 2])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(5, 3, 32, 32, dtype=torch.uint8),
-                                                                        labels), batch_size=2)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), labels), batch_size=2
+    )
     result = evaluate(accelerator, Parts(Fixed(), loader, torch.contiguous_format), num_classes=3)
     assert result["confusion"] == [[0, 0, 1], [0, 0, 1], [0, 0, 3]]  # rows: true class, columns: predicted
     assert result["per_class_accuracy"] == [0.0, 0.0, 1.0]
@@ -140,8 +145,12 @@ def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
         return graph_module.forward
 
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
-        torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])), batch_size=4)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(
+            torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+        ),
+        batch_size=4,
+    )
     compiled = torch.compile(module, backend=counting_backend)
     result = evaluate(accelerator, Parts(compiled, loader, torch.contiguous_format), num_classes=3)
     assert result["eval_samples"] == 6
@@ -158,8 +167,10 @@ def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0):
     cfg.tracking.report_to, cfg.tracking.plots = "none", False
     accelerator = build_accelerator(cfg)
     generator = torch.Generator().manual_seed(0)
-    train = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator),
-                  torch.randint(0, 10, (64,), generator=generator))
+    train = Split(
+        torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 10, (64,), generator=generator),
+    )
     parts = build(cfg, accelerator, train.head(16), train)
     return cfg, accelerator, parts, tracking.Tracker(accelerator, cfg, tmp_path, None, {})
 
@@ -186,8 +197,15 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tmp_path, fresh
     # covers it too. Steps 1-3 of the first epoch: no logging step (log_every 100), no epoch end.
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, grad_clip=grad_clip)
     state = RunState()
-    steps = optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None,
-                            checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {}))
+    steps = optimizer_steps(
+        accelerator,
+        parts,
+        cfg,
+        state,
+        tracker=tracker,
+        stop=None,
+        checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {}),
+    )
     next(steps)  # the first step builds the epoch's order and the optimizer state
     with HostReads() as reads:
         next(steps), next(steps)
@@ -202,8 +220,15 @@ def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path,
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=2)
     state = RunState()
     pause = 0.1  # an evaluation or a save, say
-    for _ in optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None,
-                             checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {})):
+    for _ in optimizer_steps(
+        accelerator,
+        parts,
+        cfg,
+        state,
+        tracker=tracker,
+        stop=None,
+        checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {}),
+    ):
         time.sleep(pause)
     tracker.finish()
     assert state.step == 8

@@ -28,8 +28,11 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_ENDPOINT")
+    }
     return {**env, **extra}
 
 
@@ -37,10 +40,18 @@ def _env(**extra) -> dict:
 def pushed_run(tmp_path_factory, synthetic_data):
     """A short real run with --push_to_hub whose upload meets a closed port: (output folder, its result)."""
     out = tmp_path_factory.mktemp("export") / "run"
-    env = _env(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_TOKEN="hf_not_a_real_token",
-               HF_HOME=str(out.parent / "hf"))
-    result = run([sys.executable, "distcifar/train.py",
-                  *train_args(out, synthetic_data, "--push_to_hub", REPO_ID, "--hub.private", "true")], check=False, env=env)
+    env = _env(
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_TOKEN="hf_not_a_real_token", HF_HOME=str(out.parent / "hf")
+    )
+    result = run(
+        [
+            sys.executable,
+            "distcifar/train.py",
+            *train_args(out, synthetic_data, "--push_to_hub", REPO_ID, "--hub.private", "true"),
+        ],
+        check=False,
+        env=env,
+    )
     return out, result
 
 
@@ -71,13 +82,18 @@ def test_the_model_card_describes_the_model_its_training_and_its_results(pushed_
     assert result.metric_value == pytest.approx(summary["test_accuracy"], abs=1e-4)
 
     model = DistCifarNet.from_pretrained(out / "final")
-    parameters = sum(t.numel() for name, t in load_file(out / "final" / "model.safetensors").items()
-                     if not name.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    parameters = sum(
+        t.numel()
+        for name, t in load_file(out / "final" / "model.safetensors").items()
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert sum(p.numel() for p in model.parameters()) == parameters
     assert f"**Parameters**: {parameters:,}" in text
     assert "| 6 | 3 | 24 | yes | 2x2 |" in text  # the tiny model's last block, from its config
     assert f"mean = {MEAN} and std = [0.247, 0.2435, 0.2616]" in text
-    assert f"Test accuracy **{summary['test_accuracy']:.2%}** (loss {summary['test_loss']:.4f}) on 101 test images" in text
+    assert (
+        f"Test accuracy **{summary['test_accuracy']:.2%}** (loss {summary['test_loss']:.4f}) on 101 test images" in text
+    )
     for name, accuracy in zip(CLASS_NAMES, summary["per_class_accuracy"]):
         assert f"| {name} | {accuracy:.2%} |" in text
     assert "- **Optimizer**: Adam, peak learning rate 0.003" in text
@@ -105,8 +121,14 @@ def test_the_cards_usage_snippet_runs_and_gives_the_models_answer(pushed_run, tm
     _hub_cache(tmp_path / "hf", out / "final")
     image = make_images([4], seed=5)[0]  # a class-4 colour image, as in training
     image.save(tmp_path / "image.png")
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env=_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO)))
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO)),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model = DistCifarNet.from_pretrained(out / "final").eval()
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
@@ -122,32 +144,70 @@ def test_evaluate_takes_a_hub_model_id_from_the_local_cache(pushed_run, tmp_path
     results = []
     for target in (REPO_ID, str(out / "final")):
         report = tmp_path / "eval.json"
-        shown = run([sys.executable, "distcifar/evaluate.py", target, "--data.path", str(synthetic_data),
-                     "--output", str(report)], env=env)
+        shown = run(
+            [
+                sys.executable,
+                "distcifar/evaluate.py",
+                target,
+                "--data.path",
+                str(synthetic_data),
+                "--output",
+                str(report),
+            ],
+            env=env,
+        )
         assert "confusion (rows: true, columns: predicted)" in shown.stdout
         results.append(json.loads(report.read_text()))
     from_hub, local = results
     assert from_hub.pop("checkpoint") == REPO_ID and local.pop("checkpoint") == str(out / "final")
     assert from_hub == local and from_hub["eval_samples"] == 101
 
-    missing = run([sys.executable, "distcifar/evaluate.py", "someone/not-cached", "--data.path", str(synthetic_data)],
-                  env=env, check=False)
+    missing = run(
+        [sys.executable, "distcifar/evaluate.py", "someone/not-cached", "--data.path", str(synthetic_data)],
+        env=env,
+        check=False,
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         "error: someone/not-cached: no such local folder, and as a hub model id: the hub cannot be reached "
-        "(or HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache"]
+        "(or HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache"
+    ]
 
 
-@pytest.mark.parametrize("arguments, env, message", [
-    (["--push_to_hub", "a/b/c"], {"HF_TOKEN": "hf_x"}, "push_to_hub: 'a/b/c' is not a hub repository id such as owner/name"),
-    (["--push_to_hub", "me/x"], {"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}, "needs the hub, but HF_HUB_OFFLINE is set"),
-    (["--push_to_hub", "me/x"], {}, "needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"),
-])
+@pytest.mark.parametrize(
+    "arguments, env, message",
+    [
+        (
+            ["--push_to_hub", "a/b/c"],
+            {"HF_TOKEN": "hf_x"},
+            "push_to_hub: 'a/b/c' is not a hub repository id such as owner/name",
+        ),
+        (
+            ["--push_to_hub", "me/x"],
+            {"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"},
+            "needs the hub, but HF_HUB_OFFLINE is set",
+        ),
+        (["--push_to_hub", "me/x"], {}, "needs a Hugging Face token: run `hf auth login` or set HF_TOKEN"),
+    ],
+)
 def test_push_to_hub_that_cannot_work_stops_before_training(tmp_path, arguments, env, message):
-    result = run([sys.executable, "distcifar/train.py", "--output_dir", str(tmp_path / "run"), "--data.path",
-                  str(tmp_path / "no-data"), *arguments], check=False, env=_env(HF_HOME=str(tmp_path / "hf"), **env))
+    result = run(
+        [
+            sys.executable,
+            "distcifar/train.py",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--data.path",
+            str(tmp_path / "no-data"),
+            *arguments,
+        ],
+        check=False,
+        env=_env(HF_HOME=str(tmp_path / "hf"), **env),
+    )
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+        result.stderr
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save_file
 
-from support import REPO, kill_tree, launch_command, read_metrics, run, train_args
 from distcifar.checkpoint import read_verified
+from support import REPO, kill_tree, launch_command, read_metrics, run, train_args
 
 QUICK_FAIL = ("--train.collective_timeout_s", "120")  # a hang would show as a run far longer than this test allows
 
@@ -28,7 +28,7 @@ def _launch(processes):
 
 def _assert_exit(result, processes, code):
     assert result.returncode == (code if processes == 1 else 1), result.stderr[-3000:]
-    assert 'distcifar/' not in "".join(line for line in result.stderr.splitlines() if line.lstrip().startswith("File "))
+    assert "distcifar/" not in "".join(line for line in result.stderr.splitlines() if line.lstrip().startswith("File "))
 
 
 def _error_lines(result):
@@ -51,8 +51,11 @@ def _rewrite(folder, name, data: bytes):
 def test_divergence_stops_before_a_save_and_keeps_the_last_finite_checkpoint(tmp_path, synthetic_data, processes):
     out = tmp_path / "run"
     started = time.monotonic()
-    result = run(_launch(processes) + train_args(out, synthetic_data, "--optim.lr", "100000000.0",
-                                                 "--checkpoint.every_steps", "1", *QUICK_FAIL), check=False)
+    result = run(
+        _launch(processes)
+        + train_args(out, synthetic_data, "--optim.lr", "100000000.0", "--checkpoint.every_steps", "1", *QUICK_FAIL),
+        check=False,
+    )
     _assert_exit(result, processes, 1)
     assert time.monotonic() - started < 100
     errors = _error_lines(result)
@@ -69,14 +72,17 @@ def test_divergence_stops_before_a_save_and_keeps_the_last_finite_checkpoint(tmp
 
 def _mount_tmpfs(folder, size_bytes):
     folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (root needed): {mounted.stderr.strip()}")
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_full_disk_while_saving_loses_nothing_and_resume_works_once_space_is_freed(tmp_path, synthetic_data, processes):
+def test_a_full_disk_while_saving_loses_nothing_and_resume_works_once_space_is_freed(
+    tmp_path, synthetic_data, processes
+):
     args = ("--checkpoint.keep", "3", *QUICK_FAIL)
     reference = tmp_path / "reference"
     run(launch_command(1, launcher="python") + train_args(reference, synthetic_data, "--train.epochs", "1", *args))
@@ -134,25 +140,33 @@ def _missing_field(folder):
     _rewrite(folder, "state.json", json.dumps(state).encode())
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_wrong_shape, "tensor 'blocks.2.skip.weight' has shape (3, 3, 1, 1), the model expects"),
-    (_missing_tensor, "model.safetensors has no tensor 'classifier.2.bias'"),
-    (_missing_field, "state.json has no field 'world_size'"),
-], ids=["wrong-shape", "missing-tensor", "missing-field"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_wrong_shape, "tensor 'blocks.2.skip.weight' has shape (3, 3, 1, 1), the model expects"),
+        (_missing_tensor, "model.safetensors has no tensor 'classifier.2.bias'"),
+        (_missing_field, "state.json has no field 'world_size'"),
+    ],
+    ids=["wrong-shape", "missing-tensor", "missing-field"],
+)
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_foreign_or_hand_edited_checkpoint_is_one_clear_error(finished_run, tmp_path, synthetic_data, edit, message,
-                                                                processes):
+def test_a_foreign_or_hand_edited_checkpoint_is_one_clear_error(
+    finished_run, tmp_path, synthetic_data, edit, message, processes
+):
     folder = _edited_copy(finished_run, tmp_path, edit)
-    result = run(_launch(processes) + train_args(tmp_path / "run", synthetic_data, "--resume", str(folder),
-                                                 *QUICK_FAIL), check=False)
+    result = run(
+        _launch(processes) + train_args(tmp_path / "run", synthetic_data, "--resume", str(folder), *QUICK_FAIL),
+        check=False,
+    )
     _assert_exit(result, processes, 2)
     errors = _error_lines(result)
     assert errors and str(folder) in errors[0] and message in errors[0], result.stderr[-3000:]
 
 
 def _start(command):
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -182,12 +196,20 @@ def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(tmp_
 
 def _plant_lock(out, **fields):
     out.mkdir(parents=True, exist_ok=True)
-    record = {"host": "node-elsewhere", "pid": 4242, "pid_started": 0.0, "slurm_job_id": None,
-              "started": "2026-01-01 00:00:00", **fields}
+    record = {
+        "host": "node-elsewhere",
+        "pid": 4242,
+        "pid_started": 0.0,
+        "slurm_job_id": None,
+        "started": "2026-01-01 00:00:00",
+        **fields,
+    }
     (out / ".lock").write_text(json.dumps(record))
 
 
-def test_a_lock_from_another_host_is_respected_while_fresh_and_taken_over_when_stale_or_requeued(tmp_path, synthetic_data):
+def test_a_lock_from_another_host_is_respected_while_fresh_and_taken_over_when_stale_or_requeued(
+    tmp_path, synthetic_data
+):
     out = tmp_path / "run"
     args = train_args(out, synthetic_data, "--train.max_steps", "2")
     _plant_lock(out)  # fresh: another node's run is alive

@@ -11,8 +11,21 @@ from support import REPO
 
 def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_path, synthetic_data):
     out = tmp_path / "out"
-    command = [sys.executable, "scripts/gpu_check.py", "--dry-run", "--only", "benchmark,default", "--budget", "400",
-               "--data", str(synthetic_data), "--out", str(out), "--runs", str(tmp_path / "runs")]
+    command = [
+        sys.executable,
+        "scripts/gpu_check.py",
+        "--dry-run",
+        "--only",
+        "benchmark,default",
+        "--budget",
+        "400",
+        "--data",
+        str(synthetic_data),
+        "--out",
+        str(out),
+        "--runs",
+        str(tmp_path / "runs"),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     names = sorted(path.name.split("-cpu-")[1] for path in out.iterdir())
@@ -37,6 +50,9 @@ def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_
     assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"]
 
     log = next(out.glob("*-cpu-log.txt")).read_text()
-    for command in ("-m distcifar.benchmark --config configs/default.yaml", "-m distcifar.train --config configs/default.yaml",
-                    "-m distcifar.evaluate"):
+    for command in (
+        "-m distcifar.benchmark --config configs/default.yaml",
+        "-m distcifar.train --config configs/default.yaml",
+        "-m distcifar.evaluate",
+    ):
         assert command in log

@@ -153,7 +153,9 @@ def test_classifier_dropout_is_active_in_training_and_off_in_eval():
     dropouts = [m for m in model.classifier if isinstance(m, nn.Dropout)]
     assert [m.p for m in dropouts] == [0.5, 0.5]  # one after each hidden layer
     seen = []
-    handle = dropouts[0].register_forward_hook(lambda module, inputs, out: seen.append((inputs[0].clone(), out.clone())))
+    handle = dropouts[0].register_forward_hook(
+        lambda module, inputs, out: seen.append((inputs[0].clone(), out.clone()))
+    )
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model.train()
     torch.manual_seed(0)

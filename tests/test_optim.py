@@ -1,4 +1,5 @@
-"""Proves the learning-rate schedules and optimizer groups against hand-computed numbers, not against optim.py itself."""
+"""Proves the learning-rate schedules and optimizer groups against hand-computed numbers, not against optim.py
+itself."""
 
 import pytest
 import torch
@@ -7,7 +8,6 @@ from torch import nn
 from distcifar.config import OptimConfig
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
-
 from support import TINY_MODEL_CONFIG as TINY
 
 
@@ -38,8 +38,17 @@ HAND = {
     ("cosine", 0): {0: 0.1, 25: 0.08535533906, 50: 0.05, 75: 0.01464466094, 99: 2.467198171e-05},
     # progress (s - 20)/80: step 40 -> 0.25; 59 -> 39/80 -> 0.5 * (1 + sin(0.0125 pi)); 60 -> 0.5; 80 -> 0.75;
     # 99 -> 79/80 -> 0.5 * (1 - cos(0.0125 pi))
-    ("cosine", 2): {0: 0.005, 9: 0.05, 19: 0.1, 20: 0.1, 40: 0.08535533906, 59: 0.05196299079, 60: 0.05,
-                    80: 0.01464466094, 99: 3.854818796e-05},
+    ("cosine", 2): {
+        0: 0.005,
+        9: 0.05,
+        19: 0.1,
+        20: 0.1,
+        40: 0.08535533906,
+        59: 0.05196299079,
+        60: 0.05,
+        80: 0.01464466094,
+        99: 3.854818796e-05,
+    },
     ("onecycle", 0): {0: 0.1, 25: 0.075, 50: 0.05, 99: 0.001},
     ("onecycle", 2): {0: 0.005, 9: 0.05, 19: 0.1, 20: 0.1, 40: 0.075, 60: 0.05, 99: 0.00125},
 }
@@ -52,7 +61,7 @@ def test_schedule_matches_hand_computed_learning_rates(schedule, warmup_epochs):
     for step, expected in HAND[schedule, warmup_epochs].items():
         assert used[step] == pytest.approx(expected, rel=1e-6, abs=1e-12), f"step {step}"
     if schedule != "constant":  # never rises after the warm-up
-        after = used[round(warmup_epochs * 10):]
+        after = used[round(warmup_epochs * 10) :]
         assert all(b <= a + 1e-15 for a, b in zip(after, after[1:]))
 
 
@@ -69,8 +78,11 @@ def test_the_tests_tiny_run_schedule():
 
 def _decayed_by_hand(model: nn.Module) -> set[str]:
     """Names of the conv and linear weights: the only parameters that should get weight decay."""
-    return {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-            if isinstance(module, (nn.Conv2d, nn.Linear))}
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    }
 
 
 def _groups_by_name(model: nn.Module, optimizer) -> list[tuple[float, set[str]]]:
@@ -124,11 +136,22 @@ def test_decay_shrinks_exactly_the_decayed_parameters():
 @pytest.mark.parametrize(
     "kwargs, cls, expected",
     [
-        (dict(name="sgd", lr=0.2, momentum=0.9, nesterov=True), torch.optim.SGD, dict(lr=0.2, momentum=0.9, nesterov=True)),
-        (dict(name="sgd", lr=0.05, momentum=0.8, nesterov=False), torch.optim.SGD,
-         dict(lr=0.05, momentum=0.8, nesterov=False)),
+        (
+            dict(name="sgd", lr=0.2, momentum=0.9, nesterov=True),
+            torch.optim.SGD,
+            dict(lr=0.2, momentum=0.9, nesterov=True),
+        ),
+        (
+            dict(name="sgd", lr=0.05, momentum=0.8, nesterov=False),
+            torch.optim.SGD,
+            dict(lr=0.05, momentum=0.8, nesterov=False),
+        ),
         # Nesterov needs momentum; with none it is plain SGD rather than an error.
-        (dict(name="sgd", lr=0.1, momentum=0.0, nesterov=True), torch.optim.SGD, dict(lr=0.1, momentum=0.0, nesterov=False)),
+        (
+            dict(name="sgd", lr=0.1, momentum=0.0, nesterov=True),
+            torch.optim.SGD,
+            dict(lr=0.1, momentum=0.0, nesterov=False),
+        ),
         (dict(name="adam", lr=0.003), torch.optim.Adam, dict(lr=0.003, betas=(0.9, 0.999))),
         (dict(name="adamw", lr=0.001), torch.optim.AdamW, dict(lr=0.001, betas=(0.9, 0.999))),
     ],

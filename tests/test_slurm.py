@@ -48,26 +48,49 @@ SESSION = f"{os.getpid()}"
 # configs/smoke.yaml plus periodic checkpoints; identical for (a) and (b) so (a) is (b)'s
 # reference. fp32 and no W&B whatever the CPU and environment: fast and deterministic.
 TRAIN_ARGS = ["--checkpoint.every_steps", "3", "--train.mixed_precision", "no", "--tracking.report_to", "none"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REQUEUE_HOLD", "SPECIAL_EXIT"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REQUEUE_HOLD",
+    "SPECIAL_EXIT",
+}
 
 
 def job_env(output_dir: Path) -> dict:
     # no SLURM_*/SBATCH_* from an enclosing job: they would change sbatch's options
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     # one thread per process: the emulated nodes share this machine's cores
-    env.update(PYTHON=sys.executable, CONFIG="configs/smoke.yaml", OUTPUT_DIR=str(output_dir),
-               HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(
+        PYTHON=sys.executable,
+        CONFIG="configs/smoke.yaml",
+        OUTPUT_DIR=str(output_dir),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     return env
 
 
-def submit(name: str, output_dir: Path, args: list[str], nodes: int = NODES, sbatch: tuple[str, ...] = (),
-           **env: str) -> str:
+def submit(
+    name: str, output_dir: Path, args: list[str], nodes: int = NODES, sbatch: tuple[str, ...] = (), **env: str
+) -> str:
     if "--data.path" not in args:
         args = ["--data.path", DATA, *args]
     out = subprocess.run(
         ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", *sbatch, "slurm/train.sh", *args],
-        cwd=ROOT, env={**job_env(output_dir), **env}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**job_env(output_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
@@ -96,8 +119,10 @@ def wait_for(job: str, name: str, timeout: float) -> dict:
         if time.monotonic() > deadline:
             subprocess.run(["scancel", job])
             log = log_of(name, job)
-            pytest.fail(f"job {job} still {info['JobState']} after {timeout:.0f} s; log:\n"
-                        + (log.read_text()[-4000:] if log.exists() else "(none)"))
+            pytest.fail(
+                f"job {job} still {info['JobState']} after {timeout:.0f} s; log:\n"
+                + (log.read_text()[-4000:] if log.exists() else "(none)")
+            )
         time.sleep(1)
 
 
@@ -112,7 +137,8 @@ def final_weights(output_dir: Path) -> dict:
 
 
 def assert_resumed_from_the_stop(log: str) -> None:
-    """The requeued attempt resumed from the checkpoint written when the signal arrived (not an older one, not step 0)."""
+    """The requeued attempt resumed from the checkpoint written when the signal arrived (not an older one, not
+    step 0)."""
     stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
     assert stopped, log[-4000:]
     step = int(stopped.group(1))
@@ -184,8 +210,10 @@ def wait_for_checkpoint(job: str, name: str, out: Path, timeout: float = 300) ->
 
 def test_plain_scancel_and_the_restart_limit_checkpoint_without_requeue(tmp_path):
     # side by side on one node each: a plain scancel (SIGTERM), and SIGUSR1 with MAX_RESTARTS=0
-    jobs = {"term": (f"distcifar-test-d1-{SESSION}", {}, []),
-            "usr1": (f"distcifar-test-d2-{SESSION}", {"MAX_RESTARTS": "0"}, ["--signal=USR1", "--full"])}
+    jobs = {
+        "term": (f"distcifar-test-d1-{SESSION}", {}, []),
+        "usr1": (f"distcifar-test-d2-{SESSION}", {"MAX_RESTARTS": "0"}, ["--signal=USR1", "--full"]),
+    }
     submitted = {key: submit(name, tmp_path / key, TRAIN_ARGS, nodes=1, **env) for key, (name, env, _) in jobs.items()}
     for key, (name, _, scancel_args) in jobs.items():
         wait_for_checkpoint(submitted[key], name, tmp_path / key)
@@ -198,8 +226,11 @@ def test_plain_scancel_and_the_restart_limit_checkpoint_without_requeue(tmp_path
         assert stopped, log[-4000:]
         assert (tmp_path / key / "checkpoints" / f"step_{int(stopped.group(1)):08d}" / "manifest.json").is_file()
         assert not (tmp_path / key / "summary.json").exists()
-        expected = ("not requeued. Resubmit to resume" if key == "term"
-                    else "restart limit MAX_RESTARTS=0 reached: not requeueing")
+        expected = (
+            "not requeued. Resubmit to resume"
+            if key == "term"
+            else "restart limit MAX_RESTARTS=0 reached: not requeueing"
+        )
         assert expected in log, log[-4000:]
 
 
@@ -230,8 +261,14 @@ def test_exit_code_file_is_written_by_the_main_process_only(tmp_path):
     for rank, expected in (("0", "2\n"), ("1", None)):
         path = tmp_path / f"exit-{rank}"
         env = {**os.environ, "DISTCIFAR_EXIT_CODE_FILE": str(path), "RANK": rank}
-        out = subprocess.run([sys.executable, "distcifar/train.py", "--train.no_such_key", "1"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "distcifar/train.py", "--train.no_such_key", "1"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 2, out.stderr[-2000:]
         assert (path.read_text() if path.exists() else None) == expected
 
@@ -242,8 +279,15 @@ def test_array_tasks_own_folders_and_requeue_alone(tmp_path):
     # SLURM_CPU_BIND=cores stands in for a cluster that binds tasks to cores (TaskPluginParam=Cores): without
     # srun --cpus-per-task each task would be bound to 1 CPU. 3 epochs: task `other` is still training when
     # task `own` has requeued itself.
-    array = submit(name, sweep, [*TRAIN_ARGS, "--train.epochs", "3"], nodes=1,
-                   sbatch=("--array=0-1", "--cpus-per-task=2"), SWEEP="train.seed=5,6", SLURM_CPU_BIND="cores")
+    array = submit(
+        name,
+        sweep,
+        [*TRAIN_ARGS, "--train.epochs", "3"],
+        nodes=1,
+        sbatch=("--array=0-1", "--cpus-per-task=2"),
+        SWEEP="train.seed=5,6",
+        SLURM_CPU_BIND="cores",
+    )
     tasks = {task: f"{array}_{task}" for task in (0, 1)}
     try:
         for task, spec in tasks.items():

@@ -20,8 +20,8 @@ import matplotlib.image
 import pytest
 import torch
 from accelerate import Accelerator
-from google.protobuf.message import DecodeError
 from accelerate.state import AcceleratorState
+from google.protobuf.message import DecodeError
 
 from distcifar import plot
 from distcifar.config import Config, ModelConfig, TrackingConfig
@@ -35,6 +35,7 @@ HARDWARE = {"device": "cpu", "num_processes": 1, "mixed_precision": "no"}
 
 # ---------------------------------------------------------------------------------------------
 # Reading an offline W&B run
+
 
 def _item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
@@ -60,8 +61,12 @@ def _read_offline_run(run_file: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run["id"] = record.run.run_id
-            run["init"] = {"project": record.run.project, "name": record.run.display_name,
-                           "group": record.run.run_group, "tags": list(record.run.tags)}
+            run["init"] = {
+                "project": record.run.project,
+                "name": record.run.display_name,
+                "group": record.run.run_group,
+                "tags": list(record.run.tags),
+            }
         elif kind == "history":
             row = run["history"].setdefault(record.history.step.num, {})
             row.update({_item_key(item): json.loads(item.value_json) for item in record.history.item})
@@ -106,8 +111,20 @@ def isolated_env(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID",
-                 "WANDB_NAME", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_RESUME", "WANDB_DIR"):
+    for name in (
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "WANDB_BASE_URL",
+        "NETRC",
+        "WANDB_ENTITY",
+        "WANDB_PROJECT",
+        "WANDB_RUN_ID",
+        "WANDB_NAME",
+        "WANDB_RUN_GROUP",
+        "WANDB_TAGS",
+        "WANDB_RESUME",
+        "WANDB_DIR",
+    ):
         monkeypatch.delenv(name, raising=False)  # runs go to OUTPUT_DIR/wandb unless a test sets WANDB_DIR
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
@@ -127,7 +144,9 @@ def offline_wandb(monkeypatch):
 
 def make_config(report: str, plots: bool = True) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(block_convs=[1, 2], block_channels=[12, 24], block_halve=[False, True], classifier_hidden=[16])
+    cfg.model = ModelConfig(
+        block_convs=[1, 2], block_channels=[12, 24], block_halve=[False, True], classifier_hidden=[16]
+    )
     cfg.tracking.report_to = report
     cfg.tracking.plots = plots
     return cfg
@@ -142,10 +161,21 @@ def make_tracker(cfg: Config, output_dir: Path, run_id: str | None = None) -> Tr
 def train_and_evaluate(tracker: Tracker, model: DistCifarNet, steps: list[int], epoch: int) -> None:
     """Log train metrics at `steps`, then an evaluation at the last of them."""
     for step in steps:
-        tracker.log({"train/epoch": epoch, "train/loss": 2.0 / step ** 0.5, "train/lr": 0.1, "train/grad_norm": 1.5,
-                     "train/images_per_second": 1000.0, "train/images_per_second_per_process": 1000.0}, step)
+        tracker.log(
+            {
+                "train/epoch": epoch,
+                "train/loss": 2.0 / step**0.5,
+                "train/lr": 0.1,
+                "train/grad_norm": 1.5,
+                "train/images_per_second": 1000.0,
+                "train/images_per_second_per_process": 1000.0,
+            },
+            step,
+        )
     generator = torch.Generator().manual_seed(epoch)
-    confusion = (torch.eye(10, dtype=torch.long) * 50 * epoch + torch.randint(0, 10, (10, 10), generator=generator)).tolist()
+    confusion = (
+        torch.eye(10, dtype=torch.long) * 50 * epoch + torch.randint(0, 10, (10, 10), generator=generator)
+    ).tolist()
     correct = sum(confusion[i][i] for i in range(10))
     total = sum(map(sum, confusion))
     result = {
@@ -190,7 +220,13 @@ def test_offline_wandb_run_holds_history_summary_and_id(tmp_path, offline_wandb,
         assert {"train/loss", "train/lr", "train/grad_norm", "train/epoch"} <= set(run["history"][step])
     evaluation = run["history"][20]
     assert 0 < evaluation["eval/accuracy"] <= 1
-    assert {"eval/loss", "eval/num_samples", "eval/class_acc/cat", "experts/block1/conv0", "experts/block1/conv1"} <= set(evaluation)
+    assert {
+        "eval/loss",
+        "eval/num_samples",
+        "eval/class_acc/cat",
+        "experts/block1/conv0",
+        "experts/block1/conv1",
+    } <= set(evaluation)
     assert evaluation["experts/block0/conv0"] == pytest.approx(1.0)  # a one-conv block: softmax over one
     assert evaluation["experts/block1/conv0"] + evaluation["experts/block1/conv1"] == pytest.approx(1.0)
     # Media are nested values; read_offline_run joins their keys with "/".
@@ -208,8 +244,12 @@ def test_offline_wandb_run_holds_history_summary_and_id(tmp_path, offline_wandb,
     # metrics.jsonl and W&B hold the same keys and numbers; W&B adds only its own (_step, ...) and the media
     for step in (10, 20):
         logged = {key: value for row in rows if row["step"] == step for key, value in row.items()}
-        scalars = {key: value for key, value in run["history"][step].items()
-                   if not key.startswith("_") and not re.match(r"(eval/samples|eval/confusion_matrix\w*|experts/block\d+/weights)/", key)}
+        scalars = {
+            key: value
+            for key, value in run["history"][step].items()
+            if not key.startswith("_")
+            and not re.match(r"(eval/samples|eval/confusion_matrix\w*|experts/block\d+/weights)/", key)
+        }
         assert scalars == logged
     confusion = json.loads((output_dir / "confusion.json").read_text())
     assert confusion["step"] == 20 and confusion["classes"][3] == "cat"
@@ -244,7 +284,9 @@ def test_resumed_run_keeps_the_id_and_steps_continue(tmp_path, offline_wandb, mo
     first.finish(exit_code=1)  # e.g. preempted
     run_id = first.run_id
 
-    second = make_tracker(make_config("wandb", plots=False), output_dir, run_id=run_id)  # id read back from the checkpoint
+    second = make_tracker(
+        make_config("wandb", plots=False), output_dir, run_id=run_id
+    )  # id read back from the checkpoint
     assert second.run_id == run_id
     train_and_evaluate(second, model, steps=[30, 40], epoch=2)
     second.finish()
@@ -279,7 +321,11 @@ def test_the_run_id_is_kept_in_the_output_folder_from_the_start(tmp_path, offlin
     second = make_tracker(cfg, output_dir)
     assert second.run_id == first.run_id
     warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and f"continuing W&B run {first.run_id}" in warning[0] and "WANDB_RUN_ID=envid0001" in warning[0]
+    assert (
+        len(warning) == 1
+        and f"continuing W&B run {first.run_id}" in warning[0]
+        and "WANDB_RUN_ID=envid0001" in warning[0]
+    )
     train_and_evaluate(second, model, steps=[1], epoch=1)
     second.finish()
     assert {run["id"] for run in offline_runs(output_dir, count=3)} == {first.run_id}
@@ -306,14 +352,18 @@ def _run_records(run_file: Path) -> list:
         return []
 
 
-def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_run(tmp_path, offline_wandb, monkeypatch):
+def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_run(
+    tmp_path, offline_wandb, monkeypatch
+):
     # one epoch of 1024 images in batches of 8: the first checkpoint is due at step 128, the run's end
     data = write_parquet_dataset(tmp_path / "data", train_rows=1024)
     out = tmp_path / "run"
     command = launch_command(1, launcher="python") + train_args(
-        out, data, "--tracking.report_to", "wandb", "--train.epochs", "1", "--train.batch_size", "8")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+        out, data, "--tracking.report_to", "wandb", "--train.epochs", "1", "--train.batch_size", "8"
+    )
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # a step is logged
         assert process.poll() is None, process.stdout.read()[-3000:]
@@ -321,8 +371,11 @@ def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_r
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGSTOP)  # train.py holds still; wandb-core goes on writing its file
     assert not list(out.glob("checkpoints/step_*")), "stopped too late: a checkpoint was saved"
-    while not any(record.WhichOneof("record_type") == "run"
-                  for path in out.glob("wandb/offline-run-*/run-*.wandb") for record in _run_records(path)):
+    while not any(
+        record.WhichOneof("record_type") == "run"
+        for path in out.glob("wandb/offline-run-*/run-*.wandb")
+        for record in _run_records(path)
+    ):
         assert time.monotonic() < deadline, "no W&B run record in time"
         time.sleep(0.05)
     kill_tree(process.pid, signal.SIGKILL)  # train.py and wandb-core
@@ -342,9 +395,13 @@ def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_r
     assert finished["id"] == run_id and finished["exit_code"] == 0
 
     # train.py's rows are namespaced alike in W&B and metrics.jsonl, and the plots find them
-    assert {"step", "train/epoch", "train/loss", "train/lr", "train/grad_norm", "train/images_per_second"} <= set(finished["history"][10])
+    assert {"step", "train/epoch", "train/loss", "train/lr", "train/grad_norm", "train/images_per_second"} <= set(
+        finished["history"][10]
+    )
     evaluation = finished["history"][128]
-    assert {"eval/accuracy", "eval/loss", "eval/num_samples", "eval/class_acc/cat", "train/epoch_seconds"} <= set(evaluation)
+    assert {"eval/accuracy", "eval/loss", "eval/num_samples", "eval/class_acc/cat", "train/epoch_seconds"} <= set(
+        evaluation
+    )
     assert evaluation["eval/num_samples"] == 101
     assert finished["summary"]["eval/accuracy"] == {"max": evaluation["eval/accuracy"]}
     drawn = {}
@@ -424,9 +481,13 @@ def test_read_series_lets_a_resumed_run_replace_the_old_tail(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 50, "train/lo')  # half-written line
     assert plot.read_series(tmp_path / "metrics.jsonl")["train/loss"] == [(10, 3.0), (20, 2.5), (30, 1.5), (40, 1.2)]
     # a run started before the keys were namespaced, resumed from step 10 by this version
-    old = [{"step": 10, "train_loss": 3.0, "lr": 0.1}, {"step": 20, "train_loss": 2.0, "lr": 0.1},
-           {"step": 20, "eval_accuracy": 0.5, "eval_loss": 1.5}, {"step": 20, "train/loss": 2.5, "train/lr": 0.2},
-           {"step": 20, "eval/accuracy": 0.6, "eval/loss": 1.4}]
+    old = [
+        {"step": 10, "train_loss": 3.0, "lr": 0.1},
+        {"step": 20, "train_loss": 2.0, "lr": 0.1},
+        {"step": 20, "eval_accuracy": 0.5, "eval_loss": 1.5},
+        {"step": 20, "train/loss": 2.5, "train/lr": 0.2},
+        {"step": 20, "eval/accuracy": 0.6, "eval/loss": 1.4},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in old))
     series = plot.read_series(tmp_path / "metrics.jsonl")
     assert set(series) == {"train/loss", "train/lr", "eval/accuracy", "eval/loss"}
@@ -435,8 +496,9 @@ def test_read_series_lets_a_resumed_run_replace_the_old_tail(tmp_path):
 
 
 def run_plot_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distcifar.plot", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "distcifar.plot", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
@@ -444,7 +506,8 @@ def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
     output_dir.mkdir()
     (output_dir / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": step, "train/loss": 1 / step, "train/lr": 0.1}) + "\n" for step in range(1, 20))
-        + json.dumps({"step": 19, "eval/accuracy": 0.4, "eval/loss": 1.2}) + "\n"
+        + json.dumps({"step": 19, "eval/accuracy": 0.4, "eval/loss": 1.2})
+        + "\n"
     )
     plot.write_confusion(output_dir, [[5, 1], [2, 7]], ["cat", "dog"], step=19, epoch=1, split="val")
 
@@ -462,16 +525,23 @@ def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
 def test_plots_draw_the_logged_numbers(tmp_path, monkeypatch):
     drawn = {}
     monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
-    rows = [{"step": 10, "train/loss": 2.0, "train/lr": 0.1}, {"step": 20, "train/loss": 1.5, "train/lr": 0.05},
-            {"step": 20, "eval/loss": 1.7, "eval/accuracy": 0.4}, {"step": 30, "train/loss": 1.0, "train/lr": 0.01},
-            {"step": 30, "eval/loss": 1.2, "eval/accuracy": 0.6}]
+    rows = [
+        {"step": 10, "train/loss": 2.0, "train/lr": 0.1},
+        {"step": 20, "train/loss": 1.5, "train/lr": 0.05},
+        {"step": 20, "eval/loss": 1.7, "eval/accuracy": 0.4},
+        {"step": 30, "train/loss": 1.0, "train/lr": 0.01},
+        {"step": 30, "eval/loss": 1.2, "eval/accuracy": 0.6},
+    ]
     (tmp_path / plot.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     confusion = [[3, 1], [0, 4]]
     plot.write_confusion(tmp_path, confusion, ["cat", "dog"], step=30, epoch=2, split="test")
     plot.redraw(tmp_path)
     loss_ax, accuracy_ax, lr_ax = drawn[plot.CURVES_PNG].axes[:3]
-    lines = {(ax.get_title().split(" (")[0], line.get_label()): line.get_xydata().tolist()
-             for ax in (loss_ax, accuracy_ax, lr_ax) for line in ax.lines}
+    lines = {
+        (ax.get_title().split(" (")[0], line.get_label()): line.get_xydata().tolist()
+        for ax in (loss_ax, accuracy_ax, lr_ax)
+        for line in ax.lines
+    }
     assert lines[("loss", "train")] == [[10, 2.0], [20, 1.5], [30, 1.0]]
     assert lines[("loss", "eval")] == [[20, 1.7], [30, 1.2]]
     assert lines[("accuracy", "eval")] == [[20, 0.4], [30, 0.6]]
@@ -484,8 +554,14 @@ def test_plots_draw_the_logged_numbers(tmp_path, monkeypatch):
 
 
 def test_the_standard_wandb_variables_apply_where_the_config_is_silent(tmp_path, offline_wandb, model, monkeypatch):
-    for name, value in {"WANDB_PROJECT": "from-env", "WANDB_NAME": "env-name", "WANDB_RUN_GROUP": "env-group",
-                        "WANDB_TAGS": "a,b", "WANDB_RUN_ID": "envid0001", "WANDB_DIR": str(tmp_path / "env-dir")}.items():
+    for name, value in {
+        "WANDB_PROJECT": "from-env",
+        "WANDB_NAME": "env-name",
+        "WANDB_RUN_GROUP": "env-group",
+        "WANDB_TAGS": "a,b",
+        "WANDB_RUN_ID": "envid0001",
+        "WANDB_DIR": str(tmp_path / "env-dir"),
+    }.items():
         monkeypatch.setenv(name, value)
     tracker = make_tracker(make_config("wandb", plots=False), tmp_path / "env")
     assert tracker.run_id == "envid0001"

@@ -13,8 +13,18 @@ from safetensors.torch import load_file
 
 from support import REPO, launch_command, read_metrics, run, train_args
 
-SUMMARY_KEYS = {"test_accuracy", "test_loss", "eval_samples", "global_step", "epochs", "images_per_second",
-                "train_seconds", "wall_seconds", "num_processes", "mixed_precision"}
+SUMMARY_KEYS = {
+    "test_accuracy",
+    "test_loss",
+    "eval_samples",
+    "global_step",
+    "epochs",
+    "images_per_second",
+    "train_seconds",
+    "wall_seconds",
+    "num_processes",
+    "mixed_precision",
+}
 
 
 def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic_data):
@@ -22,7 +32,7 @@ def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic
     result = run(launch_command(1) + train_args(out, synthetic_data, "--train.epochs", "3"))
     assert "global batch 32 = 32 per device x 1 processes x 1 accumulation steps" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert SUMMARY_KEYS <= set(summary)
+    assert set(summary) >= SUMMARY_KEYS
     assert summary["eval_samples"] == 101 and summary["global_step"] == 24 and summary["num_processes"] == 1
     losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
     assert len(losses) == 24
@@ -50,8 +60,10 @@ def test_same_seed_same_result_bit_for_bit(tmp_path, synthetic_data):
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, synthetic_data):
-    result = run(launch_command(1, launcher="python") + train_args(tmp_path, synthetic_data, "--train.mixed_precision", "fp16"),
-                 check=False)
+    result = run(
+        launch_command(1, launcher="python") + train_args(tmp_path, synthetic_data, "--train.mixed_precision", "fp16"),
+        check=False,
+    )
     assert result.returncode == 2
     assert "fp16 needs a GPU" in result.stderr
 
@@ -59,9 +71,28 @@ def test_fp16_on_cpu_is_refused(tmp_path, synthetic_data):
 def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
     # configs/cpu.yaml (the README's main command) on a slice: 10,000 images, 3 epochs, 2,000 test images
     out = tmp_path / "real"
-    run(launch_command(1) + ["--config", "configs/cpu.yaml", "--output_dir", str(out), "--data.path", str(real_data),
-                             "--data.train_limit", "10000", "--data.eval_limit", "2000", "--train.epochs", "3",
-                             "--train.log_every", "10", "--tracking.report_to", "none"], timeout=900)
+    run(
+        launch_command(1)
+        + [
+            "--config",
+            "configs/cpu.yaml",
+            "--output_dir",
+            str(out),
+            "--data.path",
+            str(real_data),
+            "--data.train_limit",
+            "10000",
+            "--data.eval_limit",
+            "2000",
+            "--train.epochs",
+            "3",
+            "--train.log_every",
+            "10",
+            "--tracking.report_to",
+            "none",
+        ],
+        timeout=900,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_samples"] == 2000 and summary["global_step"] == 117
     # chance is 0.10 and colour statistics alone reach about 0.2; this run reaches about 0.39-0.42
@@ -77,8 +108,9 @@ def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
 
 
 def _start(command, **kwargs):
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs
+    )
 
 
 def _checkpoint_steps(out):
@@ -86,7 +118,9 @@ def _checkpoint_steps(out):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["INT", "TERM", "USR1"])
-def test_a_signal_straight_to_train_py_checkpoints_that_step_and_exits_128_plus_signum(tmp_path, synthetic_data, signum):
+def test_a_signal_straight_to_train_py_checkpoints_that_step_and_exits_128_plus_signum(
+    tmp_path, synthetic_data, signum
+):
     out = tmp_path / "run"
     process = _start(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.epochs", "3"))
     deadline = time.monotonic() + 240
@@ -128,8 +162,10 @@ def test_resume_finished_part_then_never_then_an_older_path(tmp_path, synthetic_
     assert json.loads((out / "summary.json").read_text())["global_step"] == 16
     assert [m["step"] for m in read_metrics(out) if "train/loss" in m][-16:] == list(range(1, 17))
     # a folder that is not there is a usage error
-    result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(tmp_path / "nope")),
-                 check=False)
+    result = run(
+        launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(tmp_path / "nope")),
+        check=False,
+    )
     assert result.returncode == 2 and "no such checkpoint folder" in result.stderr
 
 
@@ -141,8 +177,10 @@ def test_weights_only_starts_a_new_schedule_from_the_weights(tmp_path, synthetic
     changed = ("--data.train_limit", "128", "--resume", str(source))
     refused = run(launch_command(1, launcher="python") + train_args(second, synthetic_data, *changed), check=False)
     assert refused.returncode == 2 and "data.train_limit" in refused.stderr
-    result = run(launch_command(1, launcher="python") + train_args(second, synthetic_data, *changed,
-                                                                    "--checkpoint.weights_only", "true"))
+    result = run(
+        launch_command(1, launcher="python")
+        + train_args(second, synthetic_data, *changed, "--checkpoint.weights_only", "true")
+    )
     assert f"resumed from {source} at step 8 (weights only)" in result.stdout
     losses = {m["step"]: m["train/loss"] for m in read_metrics(second) if "train/loss" in m}
     assert sorted(losses) == list(range(1, 9))  # 128 images / 32 = 4 steps per epoch, 2 epochs
@@ -154,10 +192,25 @@ def test_weights_only_starts_a_new_schedule_from_the_weights(tmp_path, synthetic
 
 def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, synthetic_data):
     out = tmp_path / "run"
-    result = run(launch_command(1, launcher="python") + train_args(
-        out, synthetic_data / "train.parquet", "--data.val_size", "56", "--train.epochs", "3",
-        "--checkpoint.keep", "1", "--checkpoint.keep_best", "true", "--checkpoint.every_minutes", "0.0001",
-        "--tracking.report_to", "tensorboard"))
+    result = run(
+        launch_command(1, launcher="python")
+        + train_args(
+            out,
+            synthetic_data / "train.parquet",
+            "--data.val_size",
+            "56",
+            "--train.epochs",
+            "3",
+            "--checkpoint.keep",
+            "1",
+            "--checkpoint.keep_best",
+            "true",
+            "--checkpoint.every_minutes",
+            "0.0001",
+            "--tracking.report_to",
+            "tensorboard",
+        )
+    )
     # --data.path FILE (train only) + val_size: 200 training images, 56 held out for evaluation
     assert "200 train / 56 validation images" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -179,8 +232,10 @@ def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, sy
 def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
     # 96 steps of the tiny network on 256 images of 10 colour classes: a learning network gets them all
     out = tmp_path / "run"
-    run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.batch_size", "16",
-                                                          "--train.epochs", "6", "--model.dropout", "0.0"))
+    run(
+        launch_command(1, launcher="python")
+        + train_args(out, synthetic_data, "--train.batch_size", "16", "--train.epochs", "6", "--model.dropout", "0.0")
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.95, summary  # chance: 0.1; one class answered for all: about 0.1
     losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
@@ -189,10 +244,14 @@ def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
 
 def test_the_wandb_run_id_is_carried_through_a_real_resume(tmp_path, synthetic_data):
     out = tmp_path / "run"
-    first = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--tracking.report_to", "wandb",
-                                                                  "--train.max_steps", "4"))
+    first = run(
+        launch_command(1, launcher="python")
+        + train_args(out, synthetic_data, "--tracking.report_to", "wandb", "--train.max_steps", "4")
+    )
     run_id = json.loads((out / "summary.json").read_text())["tracker_run_id"]
-    second = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--tracking.report_to", "wandb"))
+    second = run(
+        launch_command(1, launcher="python") + train_args(out, synthetic_data, "--tracking.report_to", "wandb")
+    )
     assert "at step 4" in second.stdout, first.stdout[-2000:]
     assert json.loads((out / "summary.json").read_text())["tracker_run_id"] == run_id
     files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
