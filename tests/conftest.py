@@ -4,6 +4,7 @@ as .ci/run sets it) no silent skips. Shared helpers live in support.py."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,44 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def isolated_wandb_env(tmp_path, monkeypatch):
+    """No W&B credentials or mode from the machine; HOME and W&B's own folders under tmp_path. The tracking
+    tests use it for every test (pytestmark = pytest.mark.usefixtures("isolated_wandb_env"))."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in (
+        "WANDB_MODE",
+        "WANDB_API_KEY",
+        "WANDB_BASE_URL",
+        "NETRC",
+        "WANDB_ENTITY",
+        "WANDB_PROJECT",
+        "WANDB_RUN_ID",
+        "WANDB_NAME",
+        "WANDB_RUN_GROUP",
+        "WANDB_TAGS",
+        "WANDB_RESUME",
+        "WANDB_DIR",
+    ):
+        monkeypatch.delenv(name, raising=False)  # runs go to OUTPUT_DIR/wandb unless a test sets WANDB_DIR
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's captured stdout/stderr unwrapped
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if "wandb" in sys.modules:  # wandb caches its settings (the mode too) process-wide until teardown
+        sys.modules["wandb"].teardown()
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    """W&B in offline mode (with isolated_wandb_env, which clears the machine's WANDB_MODE)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")

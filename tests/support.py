@@ -1,21 +1,34 @@
-"""Helpers the tests share: the repository, a learnable synthetic dataset in the hub's schema, the tiny
-network, real launches of train.py, and readers of what a run leaves behind (metrics, W&B files, Slurm)."""
+"""Helpers the tests share, the one home for them: the repository, a learnable synthetic dataset in the hub's
+schema, the tiny network, real launches (launcher commands, train.py arguments, starting, finishing and killing a
+launch), the Accelerator the probes build, and readers of what a run leaves behind (metrics, W&B files, Slurm).
+
+The tests in tests/unit and tests/launch import it as `support` (pytest puts tests/ on sys.path, where conftest.py
+is); the probe scripts in tests/probes put tests/ on sys.path themselves and import it too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from distcifar.config import ModelConfig
+REPO = Path(__file__).resolve().parent.parent  # the repository: the one definition the tests and probes use
+if str(REPO) not in sys.path:  # a probe run by a launcher imports distcifar from here, installed or not
+    sys.path.insert(0, str(REPO))
 
-REPO = Path(__file__).resolve().parent.parent
+from distcifar.config import ModelConfig  # noqa: E402
+
+TRAIN = REPO / "distcifar" / "train.py"
+PROBES = REPO / "tests" / "probes"
+BIN = Path(sys.executable).parent
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 # A network small enough for CPU tests that are about the loop, not the seed network's accuracy.
@@ -83,29 +96,55 @@ def write_parquet_dataset(
     return folder
 
 
+def probe(name: str) -> str:
+    """The path of tests/probes/<name>.py, a script a launcher runs in place of train.py."""
+    path = PROBES / f"{name}.py"
+    assert path.is_file(), f"no probe {path}"
+    return str(path)
+
+
+def tool(name: str) -> str | None:
+    """A launcher installed next to this python (the venv's), else on PATH."""
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+ACCELERATE, TORCHRUN = tool("accelerate"), tool("torchrun")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def accelerate_launch(config: str, *options: str) -> list[str]:
+    """`accelerate launch --config_file launch/<config> --main_process_port <free port> OPTIONS`; the script and
+    its arguments follow."""
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch" / config),
+        "--main_process_port",
+        str(free_port()),
+        *options,
+    ]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """`torchrun --nproc_per_node N` on a free local port; the script and its arguments follow."""
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
 def launch_command(processes: int = 1, launcher: str = "accelerate", script: str = "distcifar/train.py") -> list[str]:
-    bin_dir = Path(sys.executable).parent
+    """`script` (relative to the repository) as users start it: plain python, `accelerate launch` with
+    launch/cpu.yaml for 1 process, or launch/cpu_multi.yaml with --num_processes N."""
     if launcher == "python":
         return [sys.executable, script]
     if processes == 1:
-        return [str(bin_dir / "accelerate"), "launch", "--config_file", "launch/cpu.yaml", script]
-    return [
-        str(bin_dir / "accelerate"),
-        "launch",
-        "--config_file",
-        "launch/cpu_multi.yaml",
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        str(free_port()),
-        script,
-    ]
+        return [ACCELERATE, "launch", "--config_file", "launch/cpu.yaml", script]
+    return [*accelerate_launch("cpu_multi.yaml", "--num_processes", str(processes)), script]
 
 
 def train_args(output_dir: Path, data: Path, *extra: str) -> list[str]:
@@ -139,12 +178,44 @@ def train_args(output_dir: Path, data: Path, *extra: str) -> list[str]:
 
 
 def run(command: list[str], timeout: float = 300, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command in the repository to its end; with check, a non-zero exit fails the test with its output."""
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
         )
     return result
+
+
+def start(command: list[str], env: dict | None = None, separate_stderr: bool = False) -> subprocess.Popen:
+    """Start a launch in the repository without waiting: in a session of its own (so a signal to its process
+    group reaches every process of the job, as scancel and Ctrl-C do), output piped as text, stderr into
+    stdout unless separate_stderr."""
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """Wait for a launch started with separate_stderr: (exit code, stdout, stderr). One still running after
+    `timeout` seconds is killed, workers included, and the kill noted at the end of stderr."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(
+            process.pid
+        )  # the launcher and its workers (torch's elastic agent starts them in sessions of their own)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)  # and whatever is left in the launcher's own process group
+        out, err = process.communicate()
+        err += f"\n[test] killed after {timeout} s"
+    return process.returncode, out, err
 
 
 def kill_tree(pid: int, signum: int = 9) -> None:
@@ -158,10 +229,22 @@ def kill_tree(pid: int, signum: int = 9) -> None:
     except psutil.NoSuchProcess:
         return
     for process in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(signum)
-        except psutil.NoSuchProcess:
-            pass
+
+
+def probe_accelerator(output_dir: str, timeout_s: int = 120):
+    """For the probes: the Accelerator train.py would build (runtime.build_accelerator, its own WORLD_SIZE check
+    included), fp32, no tracker, with `timeout_s` as the collective timeout."""
+    from distcifar.config import Config
+    from distcifar.runtime import build_accelerator
+
+    cfg = Config()
+    cfg.output_dir = output_dir
+    cfg.tracking.report_to = "none"
+    cfg.train.mixed_precision = "no"
+    cfg.train.collective_timeout_s = timeout_s
+    return build_accelerator(cfg)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -208,3 +291,82 @@ def read_wandb_records(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def read_wandb_records_so_far(run_file: Path) -> list:
+    """The records of a run file that a kill may have cut off mid-record (then none: the framing cannot be
+    trusted)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return read_wandb_records(run_file)
+    except DecodeError:
+        return []
+
+
+def _item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(run_file: Path, wait_s: float = 0.0) -> dict:
+    """The run id, history rows by step, summary updates, config keys, metric definitions (by name or
+    glob) and exit code of one offline run; waits up to wait_s for its exit record (see offline_runs)."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            run = _read_offline_run(run_file)
+        except DecodeError:  # a record cut off mid-write
+            run = {"exit_code": None}
+        if run["exit_code"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.1)
+
+
+def _read_offline_run(run_file: Path) -> dict:
+    run = {"id": None, "init": {}, "history": {}, "summary": {}, "config": set(), "metrics": {}, "exit_code": None}
+    for record in read_wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["id"] = record.run.run_id
+            run["init"] = {
+                "project": record.run.project,
+                "name": record.run.display_name,
+                "group": record.run.run_group,
+                "tags": list(record.run.tags),
+            }
+        elif kind == "history":
+            row = run["history"].setdefault(record.history.step.num, {})
+            row.update({_item_key(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "summary":
+            run["summary"].update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
+        elif kind == "config":
+            run["config"].update(_item_key(item) for item in record.config.update)
+        elif kind == "metric":
+            run["metrics"][record.metric.name or record.metric.glob_name] = record.metric
+        elif kind == "exit":
+            run["exit_code"] = record.exit.exit_code
+    return run
+
+
+def offline_runs(output_dir: Path, count: int, timeout_s: float = 20.0) -> list[dict]:
+    """The `count` offline runs under output_dir, oldest first (by the first step each one logged).
+
+    wandb-core writes the file in the background and can return from run.finish() before it is
+    all on disk, so wait until every run ends with its exit record.
+    """
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        paths = sorted(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        try:
+            runs = [read_offline_run(path) for path in paths]
+        except DecodeError:  # a record cut off mid-write
+            runs = []
+        if len(runs) == count and all(run["exit_code"] is not None for run in runs):
+            return sorted(runs, key=lambda run: min(run["history"], default=0))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {count} finished offline runs in {output_dir}, found {len(paths)} files")
+        time.sleep(0.1)

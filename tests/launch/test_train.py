@@ -5,13 +5,12 @@ import json
 import math
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 from safetensors.torch import load_file
 
-from support import REPO, launch_command, read_metrics, run, train_args
+from support import launch_command, read_metrics, run, start, train_args
 
 SUMMARY_KEYS = {
     "test_accuracy",
@@ -107,12 +106,6 @@ def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
 # README promises, each through a real train.py run
 
 
-def _start(command, **kwargs):
-    return subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs
-    )
-
-
 def _checkpoint_steps(out):
     return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*"))
 
@@ -122,7 +115,7 @@ def test_a_signal_straight_to_train_py_checkpoints_that_step_and_exits_128_plus_
     tmp_path, synthetic_data, signum
 ):
     out = tmp_path / "run"
-    process = _start(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.epochs", "3"))
+    process = start(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.epochs", "3"))
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:  # steps 1-3 logged: mid-epoch 1
         assert process.poll() is None and time.monotonic() < deadline

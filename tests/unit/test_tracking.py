@@ -1,4 +1,5 @@
-"""Tracking: real W&B in offline mode (read back from its .wandb files), metrics.jsonl, PNG plots.
+"""Tracking, in the pytest process: real W&B in offline mode (read back from its .wandb files), metrics.jsonl,
+PNG plots. tests/launch/test_tracking_runs.py holds the two that start processes (train.py, the plot command).
 
 An offline run writes everything it would upload to OUTPUT_DIR/wandb/offline-run-*/run-<id>.wandb:
 protobuf `Record`s in LevelDB's log framing (what `wandb sync` reads). wandb 0.31 ships no
@@ -8,138 +9,26 @@ Python reader for it any more, so `support.read_wandb_records` decodes the frami
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from google.protobuf.message import DecodeError
 
 from distcifar import plot
 from distcifar.config import Config, ModelConfig, TrackingConfig
 from distcifar.model import DistCifarNet
 from distcifar.tracking import RUN_ID_FILE, Tracker, report_to
-from support import kill_tree, launch_command, read_metrics, read_wandb_records, run, train_args, write_parquet_dataset
+from support import offline_runs, read_metrics
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("isolated_wandb_env")  # no W&B settings of the machine; HOME under tmp_path
 HARDWARE = {"device": "cpu", "num_processes": 1, "mixed_precision": "no"}
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading an offline W&B run
-
-
-def _item_key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
-def read_offline_run(run_file: Path, wait_s: float = 0.0) -> dict:
-    """The run id, history rows by step, summary updates, config keys, metric definitions (by name or
-    glob) and exit code of one offline run; waits up to wait_s for its exit record (see offline_runs)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            run = _read_offline_run(run_file)
-        except DecodeError:  # a record cut off mid-write
-            run = {"exit_code": None}
-        if run["exit_code"] is not None or time.monotonic() > deadline:
-            return run
-        time.sleep(0.1)
-
-
-def _read_offline_run(run_file: Path) -> dict:
-    run = {"id": None, "init": {}, "history": {}, "summary": {}, "config": set(), "metrics": {}, "exit_code": None}
-    for record in read_wandb_records(run_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run["id"] = record.run.run_id
-            run["init"] = {
-                "project": record.run.project,
-                "name": record.run.display_name,
-                "group": record.run.run_group,
-                "tags": list(record.run.tags),
-            }
-        elif kind == "history":
-            row = run["history"].setdefault(record.history.step.num, {})
-            row.update({_item_key(item): json.loads(item.value_json) for item in record.history.item})
-        elif kind == "summary":
-            run["summary"].update({_item_key(item): json.loads(item.value_json) for item in record.summary.update})
-        elif kind == "config":
-            run["config"].update(_item_key(item) for item in record.config.update)
-        elif kind == "metric":
-            run["metrics"][record.metric.name or record.metric.glob_name] = record.metric
-        elif kind == "exit":
-            run["exit_code"] = record.exit.exit_code
-    return run
-
-
-def offline_runs(output_dir: Path, count: int, timeout_s: float = 20.0) -> list[dict]:
-    """The `count` offline runs under output_dir, oldest first (by the first step each one logged).
-
-    wandb-core writes the file in the background and can return from run.finish() before it is
-    all on disk, so wait until every run ends with its exit record.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        paths = sorted(output_dir.glob("wandb/offline-run-*/run-*.wandb"))
-        try:
-            runs = [read_offline_run(path) for path in paths]
-        except DecodeError:  # a record cut off mid-write
-            runs = []
-        if len(runs) == count and all(run["exit_code"] is not None for run in runs):
-            return sorted(runs, key=lambda run: min(run["history"], default=0))
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {count} finished offline runs in {output_dir}, found {len(paths)} files")
-        time.sleep(0.1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures and a fake training loop
-
-
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """No W&B credentials or mode from the machine; HOME and W&B's own folders under tmp_path."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in (
-        "WANDB_MODE",
-        "WANDB_API_KEY",
-        "WANDB_BASE_URL",
-        "NETRC",
-        "WANDB_ENTITY",
-        "WANDB_PROJECT",
-        "WANDB_RUN_ID",
-        "WANDB_NAME",
-        "WANDB_RUN_GROUP",
-        "WANDB_TAGS",
-        "WANDB_RESUME",
-        "WANDB_DIR",
-    ):
-        monkeypatch.delenv(name, raising=False)  # runs go to OUTPUT_DIR/wandb unless a test sets WANDB_DIR
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's captured stdout/stderr unwrapped
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if "wandb" in sys.modules:  # wandb caches its settings (the mode too) process-wide until teardown
-        sys.modules["wandb"].teardown()
-
-
-@pytest.fixture
-def offline_wandb(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+# A fake training loop
 
 
 def make_config(report: str, plots: bool = True) -> Config:
@@ -344,75 +233,6 @@ def test_the_run_id_is_kept_in_the_output_folder_from_the_start(tmp_path, offlin
         assert started(cfg) not in (damaged, damaged.strip(), fresh)
 
 
-def _run_records(run_file: Path) -> list:
-    """The records of a run file that may end in a record cut off by a kill."""
-    try:
-        return read_wandb_records(run_file)
-    except DecodeError:
-        return []
-
-
-def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_run(
-    tmp_path, offline_wandb, monkeypatch
-):
-    # one epoch of 1024 images in batches of 8: the first checkpoint is due at step 128, the run's end
-    data = write_parquet_dataset(tmp_path / "data", train_rows=1024)
-    out = tmp_path / "run"
-    command = launch_command(1, launcher="python") + train_args(
-        out, data, "--tracking.report_to", "wandb", "--train.epochs", "1", "--train.batch_size", "8"
-    )
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # a step is logged
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no step logged in time"
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGSTOP)  # train.py holds still; wandb-core goes on writing its file
-    assert not list(out.glob("checkpoints/step_*")), "stopped too late: a checkpoint was saved"
-    while not any(
-        record.WhichOneof("record_type") == "run"
-        for path in out.glob("wandb/offline-run-*/run-*.wandb")
-        for record in _run_records(path)
-    ):
-        assert time.monotonic() < deadline, "no W&B run record in time"
-        time.sleep(0.05)
-    kill_tree(process.pid, signal.SIGKILL)  # train.py and wandb-core
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL and not list(out.glob("checkpoints/step_*"))
-    (killed_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
-
-    result = run(command)  # the same command again: no checkpoint to resume from
-    assert "resumed" not in result.stdout
-    run_id = json.loads((out / "summary.json").read_text())["tracker_run_id"]
-    assert (out / RUN_ID_FILE).read_text().strip() == run_id
-    killed = [record.run.run_id for record in _run_records(killed_file) if record.WhichOneof("record_type") == "run"]
-    assert killed == [run_id]
-    assert sorted(path.name for path in out.glob("wandb/offline-run-*/run-*.wandb")) == [f"run-{run_id}.wandb"] * 2
-    (finished_file,) = set(out.glob("wandb/offline-run-*/run-*.wandb")) - {killed_file}
-    finished = read_offline_run(finished_file, wait_s=20)
-    assert finished["id"] == run_id and finished["exit_code"] == 0
-
-    # train.py's rows are namespaced alike in W&B and metrics.jsonl, and the plots find them
-    assert {"step", "train/epoch", "train/loss", "train/lr", "train/grad_norm", "train/images_per_second"} <= set(
-        finished["history"][10]
-    )
-    evaluation = finished["history"][128]
-    assert {"eval/accuracy", "eval/loss", "eval/num_samples", "eval/class_acc/cat", "train/epoch_seconds"} <= set(
-        evaluation
-    )
-    assert evaluation["eval/num_samples"] == 101
-    assert finished["summary"]["eval/accuracy"] == {"max": evaluation["eval/accuracy"]}
-    drawn = {}
-    monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
-    plot.redraw(out)
-    loss_ax, accuracy_ax, lr_ax = drawn[plot.CURVES_PNG].axes[:3]
-    assert sorted(line.get_label() for line in loss_ax.lines) == ["eval", "train"]
-    assert [line.get_label() for line in accuracy_ax.lines] == ["eval"] and len(lr_ax.lines) == 1
-    assert len(lr_ax.lines[0].get_xydata()) == 128  # steps 1-128, the killed attempt's replaced
-
-
 def test_report_to_none_writes_metrics_but_no_wandb_files(tmp_path, model):
     assert report_to(TrackingConfig(report_to="auto")) == "none"  # no mode, key or ~/.netrc here
     output_dir = tmp_path / "run"
@@ -493,33 +313,6 @@ def test_read_series_lets_a_resumed_run_replace_the_old_tail(tmp_path):
     assert set(series) == {"train/loss", "train/lr", "eval/accuracy", "eval/loss"}
     assert series["train/loss"] == [(10, 3.0), (20, 2.5)] and series["train/lr"] == [(10, 0.1), (20, 0.2)]
     assert series["eval/accuracy"] == [(20, 0.6)] and series["eval/loss"] == [(20, 1.4)]
-
-
-def run_plot_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distcifar.plot", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
-    )
-
-
-def test_plot_cli_redraws_and_rejects_bad_folders(tmp_path):
-    output_dir = tmp_path / "run"
-    output_dir.mkdir()
-    (output_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": step, "train/loss": 1 / step, "train/lr": 0.1}) + "\n" for step in range(1, 20))
-        + json.dumps({"step": 19, "eval/accuracy": 0.4, "eval/loss": 1.2})
-        + "\n"
-    )
-    plot.write_confusion(output_dir, [[5, 1], [2, 7]], ["cat", "dog"], step=19, epoch=1, split="val")
-
-    result = run_plot_cli(str(output_dir))
-    assert result.returncode == 0, result.stderr
-    for name in ("curves.png", "confusion.png"):
-        assert matplotlib.image.imread(output_dir / name).ndim == 3
-
-    for bad_dir in (tmp_path / "missing", tmp_path):  # no folder; a folder without metrics.jsonl
-        result = run_plot_cli(str(bad_dir))
-        assert result.returncode == 2
-        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:"), result.stderr
 
 
 def test_plots_draw_the_logged_numbers(tmp_path, monkeypatch):

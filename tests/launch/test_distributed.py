@@ -11,11 +11,11 @@ process start-up. The launches are module fixtures, each run once and read by se
   cpu_multi   2 processes, accumulation 1        accelerate launch --config_file launch/cpu_multi.yaml
   torchrun    2 processes, accumulation 2        torchrun --nproc_per_node 2
   two_nodes   2 "nodes" x 1 process              two accelerate launch --config_file launch/multi_node.yaml
-  check       3 processes: sample coverage and evaluation counting (tests/dist_probe.py check)
-  crash       2 processes, rank 1 raises at step 3
+  check       3 processes: sample coverage and evaluation counting (tests/probes/coverage_and_evaluation.py)
+  crash       2 processes, rank 1 raises at step 3 (tests/probes/instrumented_train.py)
   real        2 processes on the real CIFAR-10 (only with DISTCIFAR_TEST_DATA set)
-  ddp_options 2 processes: every ddp.* option set in turn (tests/dist_probe.py ddp), 24 steps each
-  resume_*    2 processes resuming, each rank with its own checkpoint folder (tests/dist_probe.py resume)
+  ddp_options 2 processes: every ddp.* option set in turn (tests/probes/ddp_options.py), 24 steps each
+  resume_*    2 processes resuming, each rank with its own checkpoint folder (tests/probes/resume_per_rank.py)
 
   1. ranks hold identical weights after every step (train/rank_weight_max_diff == 0.0 at every step)
      and at the end (every rank's final state, bit for bit, across two "nodes")
@@ -38,6 +38,10 @@ process start-up. The launches are module fixtures, each run once and read by se
 
 Environment: HF_HUB_OFFLINE=1 and WANDB_MODE=offline for every launch; HF_HOME in a temporary
 folder, so no default Accelerate config or datasets cache of the machine is used.
+
+The launchers, and starting and finishing a launch, come from support.py; the probes a launcher runs in place of
+train.py are the scripts in tests/probes/. One check of this list runs in the pytest process (ddp.* options on one
+process): tests/unit/test_distributed_one_process.py.
 """
 
 from __future__ import annotations
@@ -46,8 +50,6 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -58,21 +60,22 @@ import pytest
 pytest.importorskip("accelerate", reason="accelerate is not installed")
 pytest.importorskip("datasets", reason="datasets is not installed")
 
-from support import TINY_MODEL, free_port, slurm_answers, write_parquet_dataset  # noqa: E402
+from support import (  # noqa: E402
+    ACCELERATE,
+    REPO,
+    TINY_MODEL,
+    TORCHRUN,
+    TRAIN,
+    accelerate_launch,
+    finish,
+    free_port,
+    probe,
+    slurm_answers,
+    start,
+    torchrun,
+    write_parquet_dataset,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-PROBE = ROOT / "tests" / "dist_probe.py"
-TRAIN = ROOT / "distcifar" / "train.py"
-BIN = Path(sys.executable).parent
-
-
-def _tool(name: str) -> str | None:
-    """The launcher installed next to this python (the venv's), else on PATH."""
-    path = BIN / name
-    return str(path) if path.exists() else shutil.which(name)
-
-
-ACCELERATE, TORCHRUN = _tool("accelerate"), _tool("torchrun")
 pytestmark = pytest.mark.skipif(
     ACCELERATE is None or TORCHRUN is None, reason="the accelerate / torchrun launchers are not installed"
 )
@@ -165,22 +168,6 @@ class Run:
         return [row for row in self.metrics() if "train/loss" in row]
 
 
-def start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the launcher's own process group: it and its workers only
-        out, err = proc.communicate()
-        err += f"\n[test] killed after {timeout} s"
-    return proc.returncode, out, err
-
-
 def train_run(
     lab: Lab,
     name: str,
@@ -208,24 +195,8 @@ def train_run(
         *args,
     ]
     began = time.monotonic()
-    code, out, err = finish(start(cmd, env or lab.env()), timeout)
+    code, out, err = finish(start(cmd, env or lab.env(), separate_stderr=True), timeout)
     return Run(name, cmd, code, out, err, time.monotonic() - began, time.time(), output_dir, cache_dir)
-
-
-def accelerate(config: str, *options: str) -> list[str]:
-    return [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        str(ROOT / "launch" / config),
-        "--main_process_port",
-        str(free_port()),
-        *options,
-    ]
-
-
-def torchrun(nproc: int) -> list[str]:
-    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
 def lines_with(text: str, pattern: str) -> list[str]:
@@ -249,12 +220,12 @@ def python_run(lab) -> Run:
 
 @pytest.fixture(scope="module")
 def cpu_yaml_run(lab) -> Run:
-    return train_run(lab, "cpu_yaml", accelerate("cpu.yaml"), ["--train.grad_accum_steps", "4"])
+    return train_run(lab, "cpu_yaml", accelerate_launch("cpu.yaml"), ["--train.grad_accum_steps", "4"])
 
 
 @pytest.fixture(scope="module")
 def cpu_multi_run(lab) -> Run:
-    return train_run(lab, "cpu_multi", accelerate("cpu_multi.yaml"))
+    return train_run(lab, "cpu_multi", accelerate_launch("cpu_multi.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +236,7 @@ def torchrun_run(lab) -> Run:
 @pytest.fixture(scope="module")
 def two_nodes_run(lab) -> list[Run]:
     """Two `accelerate launch --config_file launch/multi_node.yaml` on this machine, machine ranks
-    0 and 1, one process each, through tests/dist_probe.py train (train.main() plus a dump of every
+    0 and 1, one process each, through tests/probes/instrumented_train.py (train.main() plus a dump of every
     rank's final state)."""
     port, base = free_port(), lab.root / "two_nodes"
     dump_dir = base / "rank_states"
@@ -275,7 +246,7 @@ def two_nodes_run(lab) -> list[Run]:
             ACCELERATE,
             "launch",
             "--config_file",
-            str(ROOT / "launch" / "multi_node.yaml"),
+            str(REPO / "launch" / "multi_node.yaml"),
             "--num_machines",
             "2",
             "--num_processes",
@@ -286,8 +257,7 @@ def two_nodes_run(lab) -> list[Run]:
             "127.0.0.1",
             "--main_process_port",
             str(port),
-            str(PROBE),
-            "train",
+            probe("instrumented_train"),
             *TINY,
             "--data.path",
             str(lab.data),
@@ -296,7 +266,7 @@ def two_nodes_run(lab) -> list[Run]:
             "--output_dir",
             str(base / "out"),
         ]
-        procs.append((cmd, time.monotonic(), start(cmd, lab.env(PROBE_DUMP_DIR=str(dump_dir)))))
+        procs.append((cmd, time.monotonic(), start(cmd, lab.env(PROBE_DUMP_DIR=str(dump_dir)), separate_stderr=True)))
     runs = []
     for machine_rank, (cmd, began, proc) in enumerate(procs):
         code, out, err = finish(proc, LAUNCH_TIMEOUT_S)
@@ -319,15 +289,14 @@ def two_nodes_run(lab) -> list[Run]:
 
 @pytest.fixture(scope="module")
 def check_run(lab, cpu_multi_run) -> dict:
-    """tests/dist_probe.py check with 3 processes (cpu_multi.yaml --num_processes 3): sample
+    """tests/probes/coverage_and_evaluation.py with 3 processes (cpu_multi.yaml --num_processes 3): sample
     coverage of TrainBatches, and engine.evaluate on the cpu_multi run's final weights."""
     assert cpu_multi_run.returncode == 0, cpu_multi_run.describe()
     out = lab.root / "check" / "check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        *accelerate("cpu_multi.yaml", "--num_processes", "3"),
-        str(PROBE),
-        "check",
+        *accelerate_launch("cpu_multi.yaml", "--num_processes", "3"),
+        probe("coverage_and_evaluation"),
         "--out",
         str(out),
         "--train",
@@ -346,7 +315,7 @@ def check_run(lab, cpu_multi_run) -> dict:
         "7",
         "1000",
     ]
-    code, stdout, stderr = finish(start(cmd, lab.env()), LAUNCH_TIMEOUT_S)
+    code, stdout, stderr = finish(start(cmd, lab.env(), separate_stderr=True), LAUNCH_TIMEOUT_S)
     assert code == 0 and out.exists(), f"{' '.join(cmd)}\nexit code {code}\n{(stdout + stderr)[-6000:]}"
     return json.loads(out.read_text())
 
@@ -480,7 +449,9 @@ def test_evaluation_counts_every_test_image_once(cpu_multi_run, check_run):
 def test_two_processes_on_real_cifar10_count_each_test_image_once(lab, real_data):
     """The real dataset (DISTCIFAR_TEST_DATA; skipped without it): 2 processes decode it once into
     the cache, train with identical weights and evaluate 101 real test images exactly once."""
-    run = train_run(lab, "real", accelerate("cpu_multi.yaml"), ["--train.max_steps", "3"], data=real_data, timeout=600)
+    run = train_run(
+        lab, "real", accelerate_launch("cpu_multi.yaml"), ["--train.max_steps", "3"], data=real_data, timeout=600
+    )
     assert run.returncode == 0, run.describe()
     summary = run.summary()
     assert summary["num_processes"] == 2 and summary["global_step"] == 3
@@ -580,14 +551,14 @@ def test_an_exception_on_one_rank_ends_the_whole_job_with_the_error_shown(lab):
     run = train_run(
         lab,
         "crash",
-        accelerate("cpu_multi.yaml"),
+        accelerate_launch("cpu_multi.yaml"),
         ["--train.collective_timeout_s", "120"],
-        script=[str(PROBE), "train"],
+        script=[probe("instrumented_train")],
         env=lab.env(PROBE_FAIL_RANK="1", PROBE_FAIL_STEP="3"),
         timeout=240,
     )
     assert run.returncode != 0, run.describe()
-    assert "RuntimeError: dist_probe: injected failure on rank 1" in run.output, run.describe()
+    assert "RuntimeError: instrumented_train: injected failure on rank 1" in run.output, run.describe()
     after_failure = run.ended_at - _injected_failure_time(run.output)
     assert after_failure < 30, f"the job took {after_failure:.0f} s to end after rank 1 failed\n{run.describe()}"
     assert not (run.output_dir / "summary.json").exists()
@@ -599,9 +570,9 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(l
     run = train_run(
         lab,
         "stuck",
-        accelerate("cpu_multi.yaml"),
+        accelerate_launch("cpu_multi.yaml"),
         ["--train.collective_timeout_s", str(timeout_s)],
-        script=[str(PROBE), "train"],
+        script=[probe("instrumented_train")],
         env=lab.env(PROBE_FAIL_RANK="1", PROBE_FAIL_STEP="3", PROBE_HANG="1"),
         timeout=240,
     )
@@ -616,7 +587,7 @@ def test_a_rank_that_stops_answering_ends_the_job_after_the_collective_timeout(l
 
 
 def test_sync_batchnorm_on_cpu_processes_is_refused_in_one_line(lab):
-    run = train_run(lab, "syncbn", accelerate("cpu_multi.yaml"), ["--train.sync_batchnorm", "true"], timeout=240)
+    run = train_run(lab, "syncbn", accelerate_launch("cpu_multi.yaml"), ["--train.sync_batchnorm", "true"], timeout=240)
     assert run.returncode != 0, run.describe()
     assert run.output.count("error: train.sync_batchnorm needs GPUs") == 1, run.describe()
 
@@ -671,13 +642,12 @@ LOSS_TOLERANCE = {"fp16": 0.25, "bf16": 0.25, "powersgd": 0.6, "powersgd_accumul
 
 @pytest.fixture(scope="module")
 def ddp_options_run(lab) -> dict:
-    """tests/dist_probe.py ddp: every DDP_OPTIONS entry, 2 processes (cpu_multi.yaml), one launch."""
+    """tests/probes/ddp_options.py: every DDP_OPTIONS entry, 2 processes (cpu_multi.yaml), one launch."""
     out = lab.root / "ddp_options" / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
-        *accelerate("cpu_multi.yaml"),
-        str(PROBE),
-        "ddp",
+        *accelerate_launch("cpu_multi.yaml"),
+        probe("ddp_options"),
         "--out",
         str(out),
         "--steps",
@@ -698,7 +668,7 @@ def ddp_options_run(lab) -> dict:
         "--output_dir",
         str(out.parent / "out"),
     ]
-    code, stdout, stderr = finish(start(cmd, lab.env()), LAUNCH_TIMEOUT_S)
+    code, stdout, stderr = finish(start(cmd, lab.env(), separate_stderr=True), LAUNCH_TIMEOUT_S)
     assert code == 0 and out.exists(), f"{' '.join(cmd)}\nexit code {code}\n{(stdout + stderr)[-6000:]}"
     return json.loads(out.read_text())
 
@@ -747,7 +717,7 @@ def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
     run = train_run(
         lab,
         "ddp_train",
-        accelerate("cpu_multi.yaml"),
+        accelerate_launch("cpu_multi.yaml"),
         [
             "--ddp.comm_hook",
             "fp16",
@@ -768,20 +738,6 @@ def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
     assert diffs == {step: 0.0 for step in range(1, STEPS + 1)}, f"{diffs}\n{run.describe()}"
 
 
-def test_ddp_options_on_one_process_say_they_do_nothing(tmp_path, capsys, fresh_accelerate_state):
-    from distcifar.config import Config
-    from distcifar.runtime import build_accelerator
-
-    cfg = Config(output_dir=str(tmp_path))
-    cfg.ddp.comm_hook, cfg.train.mixed_precision = "powersgd", "no"
-    accelerator = build_accelerator(cfg)
-    assert accelerator.num_processes == 1
-    assert "ddp.* options configure DDP, which one process does not use" in capsys.readouterr().out
-    cfg.ddp.comm_hook = "none"
-    build_accelerator(cfg)
-    assert "ddp.*" not in capsys.readouterr().out
-
-
 # ---------------------------------------------------------------------------------------------
 # 10. Every rank resumes from the main process's choice of checkpoint
 
@@ -789,12 +745,11 @@ RESUME_COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting would end the job after 
 
 
 def resume_run(lab: Lab, name: str, *probe_args: str) -> Run:
-    """tests/dist_probe.py resume, 2 processes: each rank resumes from its own folder under lab.root/name."""
+    """tests/probes/resume_per_rank.py, 2 processes: each rank resumes from its own folder under lab.root/name."""
     base = lab.root / name
     cmd = [
-        *accelerate("cpu_multi.yaml"),
-        str(PROBE),
-        "resume",
+        *accelerate_launch("cpu_multi.yaml"),
+        probe("resume_per_rank"),
         "--root",
         str(base),
         "--collective_timeout_s",
@@ -802,7 +757,7 @@ def resume_run(lab: Lab, name: str, *probe_args: str) -> Run:
         *probe_args,
     ]
     began = time.monotonic()
-    code, out, err = finish(start(cmd, lab.env()), 120)
+    code, out, err = finish(start(cmd, lab.env(), separate_stderr=True), 120)
     return Run(name, cmd, code, out, err, time.monotonic() - began, time.time(), base, base)
 
 
@@ -815,7 +770,7 @@ def test_a_checkpoint_missing_on_one_node_stops_every_rank_at_once_with_one_erro
     assert len(errors) == 1, run.describe()  # said once, by the main process
     assert "rank 1 cannot read checkpoint" in errors[0] and "step_00000008" in errors[0], run.describe()
     assert "filesystem shared by all nodes" in errors[0], run.describe()
-    started = float(re.search(r"dist_probe: resuming \(unix time ([\d.]+)\)", run.output).group(1))
+    started = float(re.search(r"resume_per_rank: resuming \(unix time ([\d.]+)\)", run.output).group(1))
     after = run.ended_at - started
     assert after < 30, f"the job took {after:.0f} s to end after the resume began\n{run.describe()}"
 

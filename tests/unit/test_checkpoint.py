@@ -1,25 +1,20 @@
-"""Checkpoints: safetensors + JSON only, verified, atomic, an exact resume after SIGKILL, and optimizer state
-restored in its parameters' memory layout (channels_last)."""
+"""Checkpoints, in the pytest process: safetensors + JSON only, verified, atomic, and optimizer state restored
+in its parameters' memory layout (channels_last). The exact resume after SIGKILL with real processes is in
+tests/launch/test_checkpoint_runs.py."""
 
 import hashlib
 import json
-import os
 import pickle
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
 from distcifar.checkpoint import Checkpointer, CheckpointError
 from distcifar.config import CheckpointConfig, Config, ModelConfig
 from distcifar.engine import RunState
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
-from support import REPO, kill_tree, launch_command, read_metrics, run, train_args
 from support import TINY_MODEL_CONFIG as TINY
 
 FILES = {"manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
@@ -173,131 +168,3 @@ def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerat
             assert torch.equal(value, saved[key])
             if value.shape == param.shape:
                 assert value.stride() == param.stride(), f"{key} of a {tuple(param.shape)} parameter"
-
-
-# ---------------------------------------------------------------------------------------------
-# Exact resume with real processes
-
-
-def _start(command):
-    return subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-
-
-def _kill_after_checkpoint(command, folder, timeout=240):
-    """Run until `folder` (a checkpoint) appears, then SIGKILL the whole process group."""
-    process = _start(command)
-    deadline = time.monotonic() + timeout
-    while not (folder / "manifest.json").exists():
-        assert process.poll() is None, f"run ended before {folder.name}:\n{process.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    kill_tree(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (folder.parent.parent / "summary.json").exists()
-
-
-def _weights(out):
-    return load_file(out / "final" / "model.safetensors")
-
-
-def _assert_same_run(straight, resumed):
-    a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ after resume: {different[:5]}"
-    evals = lambda out: [
-        (m["step"], m["eval/accuracy"], m["eval/loss"]) for m in read_metrics(out) if "eval/accuracy" in m
-    ]  # noqa: E731
-    assert evals(resumed)[-1] == evals(straight)[-1]
-    summary = lambda out: json.loads((out / "summary.json").read_text())  # noqa: E731
-    assert summary(resumed)["test_accuracy"] == summary(straight)["test_accuracy"]
-    assert summary(resumed)["global_step"] == summary(straight)["global_step"]
-
-
-@pytest.mark.parametrize(
-    "processes, extra",
-    [
-        (1, []),
-        (1, ["--train.grad_accum_steps", "2"]),
-        (2, ["--train.grad_accum_steps", "2"]),
-    ],
-    ids=["1proc", "1proc-accum2", "2proc-accum2"],
-)
-def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, extra):
-    # 8 steps per epoch, 2 epochs; the kill lands right after the mid-epoch checkpoint at step 5.
-    args = ["--checkpoint.every_steps", "5", "--model.dropout", "0.5", *extra]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(launch_command(processes) + train_args(straight, synthetic_data, *args))
-    _kill_after_checkpoint(
-        launch_command(processes) + train_args(resumed, synthetic_data, *args),
-        resumed / "checkpoints" / "step_00000005",
-    )
-    result = run(launch_command(processes) + train_args(resumed, synthetic_data, *args))
-    # from the mid-epoch checkpoint (step 5 of 8 in epoch 1), not an epoch end and not from scratch
-    assert f"resumed from {resumed / 'checkpoints' / 'step_00000005'} at step 5" in result.stdout
-    assert [m["step"] for m in read_metrics(resumed) if "train/loss" in m][-11:] == list(range(6, 17))
-    _assert_same_run(straight, resumed)
-    steps = [m["step"] for m in read_metrics(resumed) if "train/loss" in m]
-    assert steps[-1] == 16
-
-
-def test_resume_on_a_different_number_of_processes(tmp_path, synthetic_data):
-    out = tmp_path / "run"
-    args = ["--checkpoint.every_steps", "5"]
-    _kill_after_checkpoint(
-        launch_command(2) + train_args(out, synthetic_data, *args), out / "checkpoints" / "step_00000005"
-    )
-    result = run(launch_command(1) + train_args(out, synthetic_data, *args))
-    assert "resumed from" in result.stdout and "1 process(es)" in result.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_step"] == 16 and summary["num_processes"] == 1
-    train_steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
-    assert train_steps[-11:] == list(range(6, 17))  # continued from the sample position of step 5
-
-
-def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, synthetic_data):
-    out = tmp_path / "run"
-    command = launch_command(2) + train_args(out, synthetic_data, "--train.epochs", "3")
-    process = _start(command)
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)  # what scancel and Ctrl-C do: every process gets it
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode != 0
-    assert "stopped by signal" in output
-    saved = sorted((out / "checkpoints").glob("step_*"))
-    assert saved, output[-2000:]
-    result = run(launch_command(2) + train_args(out, synthetic_data, "--train.epochs", "3"))
-    assert f"resumed from {saved[-1]}" in result.stdout
-    assert json.loads((out / "summary.json").read_text())["global_step"] == 24
-
-
-def test_export_and_evaluate_script(tmp_path, synthetic_data):
-    out = tmp_path / "run"
-    # a trained model (about all synthetic classes right), so that the comparison is not one of one-class answers
-    run(
-        launch_command(1, launcher="python")
-        + train_args(out, synthetic_data, "--train.batch_size", "16", "--train.epochs", "3", "--model.dropout", "0.0")
-    )
-    summary = json.loads((out / "summary.json").read_text())
-    trained = json.loads((out / "confusion.json").read_text())["confusion"]  # train.py's own last evaluation
-    assert summary["test_accuracy"] > 0.5
-    model = DistCifarNet.from_pretrained(out / "final")
-    assert model.config == ModelConfig(**json.loads((out / "final" / "config.json").read_text()))
-    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pkl", ".pt", ".pth")]
-    for target in (out / "final", sorted((out / "checkpoints").glob("step_*"))[-1]):
-        report = tmp_path / "eval.json"
-        result = run(
-            launch_command(2, script="distcifar/evaluate.py")
-            + [str(target), "--data.path", str(synthetic_data), "--output", str(report)]
-        )
-        evaluation = json.loads(report.read_text())
-        assert evaluation["eval_samples"] == 101 and evaluation["num_processes"] == 2
-        assert evaluation["confusion"] == trained
-        assert evaluation["eval_accuracy"] == pytest.approx(summary["test_accuracy"])
-        assert evaluation["eval_loss"] == pytest.approx(summary["test_loss"], rel=1e-3)  # bf16 on some CPUs
-        assert "confusion (rows: true, columns: predicted)" in result.stdout

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from support import slurm_answers
+from support import REPO, slurm_answers
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = os.environ.get("DISTCIFAR_TEST_DATA")
 
 
@@ -86,7 +85,7 @@ def submit(
         args = ["--data.path", DATA, *args]
     out = subprocess.run(
         ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", *sbatch, "slurm/train.sh", *args],
-        cwd=ROOT,
+        cwd=REPO,
         env={**job_env(output_dir), **env},
         capture_output=True,
         text=True,
@@ -107,7 +106,7 @@ def job_info(job: str) -> dict:
 def log_of(name: str, job: str) -> Path:
     if "_" in job:  # an array task's log is named by its own job id
         job = job_info(job)["JobId"]
-    return ROOT / "logs" / f"{name}-{job}.out"
+    return REPO / "logs" / f"{name}-{job}.out"
 
 
 def wait_for(job: str, name: str, timeout: float) -> dict:
@@ -263,7 +262,7 @@ def test_exit_code_file_is_written_by_the_main_process_only(tmp_path):
         env = {**os.environ, "DISTCIFAR_EXIT_CODE_FILE": str(path), "RANK": rank}
         out = subprocess.run(
             [sys.executable, "distcifar/train.py", "--train.no_such_key", "1"],
-            cwd=ROOT,
+            cwd=REPO,
             env=env,
             capture_output=True,
             text=True,

@@ -1,12 +1,10 @@
-"""The configuration and its command line: defaults, recipes and overrides, values as a user means them, --help
-with every field, and every mistake as one line and exit code 2 from every entry point."""
-
-import subprocess
-import sys
+"""The configuration, in the pytest process: defaults, recipes and overrides, values as a user means them, and
+every mistake as one clear error. --help and exit code 2 from each entry point, which start the scripts, are in
+tests/launch/test_config_cli.py."""
 
 import pytest
 
-from distcifar.config import Config, ConfigError, config_from_dict, flatten, parse_config
+from distcifar.config import Config, ConfigError, config_from_dict, parse_config
 from support import REPO
 
 
@@ -66,20 +64,6 @@ def test_bad_config_is_one_clear_error(argv, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-def test_train_py_exits_2_with_one_line_before_heavy_work():
-    result = subprocess.run(
-        [sys.executable, "distcifar/train.py", "--optim.lrr", "0.1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: unknown option --optim.lrr (did you mean --optim.lr?); see --help"
-    ]
-
-
 def test_values_mean_what_a_user_means(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -94,31 +78,3 @@ def test_values_mean_what_a_user_means(tmp_path):
         True,
         False,
     ]
-
-
-@pytest.mark.parametrize("script", ["distcifar/train.py", "distcifar/evaluate.py", "distcifar/benchmark.py"])
-def test_help_lists_every_field_with_its_comment_and_default(script):
-    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    text = " ".join(result.stdout.split())
-    for key, value in flatten(Config().to_dict()).items():
-        assert f"--{key}" in text, key
-    assert "Peak learning rate. (type: float, default: 0.2)" in text
-    assert "auto: the newest good checkpoint in OUTPUT_DIR/checkpoints; never; or a checkpoint folder." in text
-
-
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["-m", "distcifar.train"],
-        ["-m", "distcifar.evaluate", "x"],
-        ["-m", "distcifar.benchmark"],
-        ["-m", "distcifar.plot", "x", "y"],
-    ],
-)
-def test_every_entry_point_turns_a_usage_error_into_exit_2(command):
-    result = subprocess.run(
-        [sys.executable, *command, "--train.epochs", "0"], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")

@@ -1,6 +1,7 @@
 """Proves the export: final/'s model card (its metadata, numbers and a usage snippet that runs), --push_to_hub's
 checks and its failure path (a real upload to a closed port: the run is kept, one line, exit code 1), and
-evaluate.py on a hub model id read from the local Hugging Face cache."""
+evaluate.py on a hub model id read from the local Hugging Face cache. The card of a model saved outside a run, in
+the pytest process, is in tests/unit/test_model_card.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from distcifar.config import parse_config
 from distcifar.model import DistCifarNet
-from support import CLASS_NAMES, REPO, TINY_MODEL_CONFIG, free_port, make_images, run, train_args
+from support import CLASS_NAMES, REPO, free_port, make_images, run, train_args
 
 REPO_ID = "someone/distcifar-tiny"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -209,11 +210,3 @@ def test_push_to_hub_that_cannot_work_stops_before_training(tmp_path, arguments,
         result.stderr
     )
     assert not (tmp_path / "run").exists()
-
-
-def test_save_pretrained_outside_a_run_writes_a_real_card_too(tmp_path):
-    DistCifarNet(TINY_MODEL_CONFIG).save_pretrained(tmp_path / "m")
-    text = (tmp_path / "m" / "README.md").read_text()
-    assert "More Information Needed" not in text and "## Architecture" in text
-    assert "its training run is not recorded here" in text
-    assert ModelCard.load(tmp_path / "m" / "README.md").data.library_name == "distcifar"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load, load_file, save_file
 
 from distcifar.checkpoint import read_verified
-from support import REPO, kill_tree, launch_command, read_metrics, run, train_args
+from support import kill_tree, launch_command, read_metrics, run, start, train_args
 
 QUICK_FAIL = ("--train.collective_timeout_s", "120")  # a hang would show as a run far longer than this test allows
 
@@ -163,17 +163,11 @@ def test_a_foreign_or_hand_edited_checkpoint_is_one_clear_error(
     assert errors and str(folder) in errors[0] and message in errors[0], result.stderr[-3000:]
 
 
-def _start(command):
-    return subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(tmp_path, synthetic_data, processes):
     out = tmp_path / "run"
     args = ("--train.epochs", "30", "--checkpoint.every_steps", "2", *QUICK_FAIL)
-    first = _start(_launch(processes) + train_args(out, synthetic_data, *args))
+    first = start(_launch(processes) + train_args(out, synthetic_data, *args), separate_stderr=True)
     try:
         deadline = time.monotonic() + 240
         while not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*")):
