@@ -13,7 +13,7 @@ It measures
 
   1. bare:  the same network, micro-batch, precision and memory layout in a plain PyTorch loop
             (forward, backward, optimizer step) on one synthetic batch already on the device;
-  2. loop:  train.py's steps: the same engine.build and the same engine.optimizer_steps generator
+  2. loop:  train.py's steps: the same engine.build_training and the same engine.optimizer_steps generator
             that train.py drives (augmented batches of a real-size uint8 training set on the device,
             synthetic unless --data.path is set; accumulation, scheduler, logging every
             train.log_every steps to a real Tracker, the stop/timer agreement). No progress bar, no
@@ -45,10 +45,8 @@ these are None (there is no DDP), and total_images_per_second is the train.py fi
 
 Scaling efficiency needs a one-process figure of the same config on the same machine: --baseline FILE
 (the JSON of a one-process run) gives speedup = total / one-process images/s and scaling_efficiency =
-speedup / N; --processes 1,2,3 runs the benchmark once per N in a row (N = 1 plainly, N > 1 through
-`accelerate launch --config_file launch/cpu_multi.yaml` without a GPU, launch/multi_gpu.yaml with one,
-each N after the one before, each with --baseline of the N = 1 run) and prints one table. Several
-nodes: run a one-process benchmark, then the multi-node launch with --baseline pointing at its JSON.
+speedup / N; --processes 1,2,3 runs the benchmark once per N in a row and prints one table (sweep.py).
+Several nodes: run a one-process benchmark, then the multi-node launch with --baseline pointing at its JSON.
 
 --predict N,... prints the model's efficiency for those process counts over each --bandwidth link
 (names from scaling.LINKS, or GB/s), from the step time just measured (the no-sync step, or the
@@ -63,7 +61,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,15 +75,17 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, set_seed
 
-from distcifar import scaling, tracking
+from distcifar import scaling, sweep, tracking
+from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint import Checkpointer
-from distcifar.cli import RunFailed, UsageError, entry_point
-from distcifar.config import parse_config
+from distcifar.config import Config, parse_config
 from distcifar.data import Split, TrainBatches, load_splits
-from distcifar.engine import RunState, build, optimizer_steps, rank_weight_spread, wait_for_device
-from distcifar.model import DistCifarNet
+from distcifar.engine import Training, build_training, optimizer_steps
+from distcifar.errors import UsageError, entry_point
+from distcifar.hardware import hardware, wait_for_device
+from distcifar.model import DistCifarNet, memory_format, uncompiled
 from distcifar.optim import build_optimizer
-from distcifar.runtime import build_accelerator, hardware, leave
+from distcifar.ranks import end_run, fail_together, print_once, rank_weight_spread
 
 # Tiny settings for --quick (CI): the network, batch and data shrink; explicit overrides still win.
 QUICK_OVERRIDES = [
@@ -161,12 +160,12 @@ def data_loop(batches: TrainBatches):
     epoch = 0
     while True:
         for _, micro_batches in batches.epoch(epoch):
-            for images, labels in micro_batches:
-                yield images, labels
+            yield from micro_batches
         epoch += 1
 
 
 # ---------------------------------------------------------------------------------------------
+# Options
 
 
 def add_arguments(parser) -> None:
@@ -255,20 +254,55 @@ def counts(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-@entry_point
-def main(argv: list[str] | None = None) -> dict:
-    launched = psutil.Process().create_time()  # wall clock at process start (imports included)
-    imports_seconds = time.time() - launched
-    argv = sys.argv[1:] if argv is None else argv
-    args, cfg = parse(argv)
-    if args.processes:
-        return sweep(args, cfg, argv)
-    if args.step_seconds:
-        return predict_only(args, cfg)
-    cfg.tracking.report_to, cfg.tracking.plots, cfg.resume = "none", False, "never"
-    load_average = [os.getloadavg()[0]]
+# ---------------------------------------------------------------------------------------------
+# The measurements, each its own function; main composes them
 
-    # 2. the training loop comes first, so that its first step measures the startup -----------
+
+@dataclasses.dataclass
+class Bench:
+    """What every measurement runs on: one Accelerator, train.py's construction of a run, and train.py's steps."""
+
+    args: object  # the benchmark's own options
+    cfg: Config
+    accelerator: object
+    training: Training
+    checkpoints: Checkpointer
+    tracker: tracking.Tracker
+    loop: object  # engine.optimizer_steps: train.py's steps, exactly; one item per optimizer step
+    scratch: tempfile.TemporaryDirectory | None  # the main process's throwaway output folder
+    data_description: str
+
+
+@dataclasses.dataclass
+class Startup:
+    """Seconds from the start of this process to the first optimizer step."""
+
+    imports_seconds: float
+    startup_seconds: float  # to the first step's start
+    first_step_seconds: float
+    launch_to_first_step_seconds: float  # to the first step's end
+    dataset_load_seconds: float | None  # load_splits with --data.path (importing `datasets` included)
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """Images/s and CPU seconds per step of each loop, one entry per timed run ("bare", "loop", "nosync")."""
+
+    runs: dict[str, list[float]]
+    nosync_skips_all_reduce: bool | None  # checked under N > 1 processes
+    comm_hook_active: bool | None  # ddp.comm_hook compresses in the steps timed (None: no hook)
+
+
+@dataclasses.dataclass
+class CheckpointTimes:
+    save_seconds: list[float]
+    load_seconds: list[float]
+    megabytes: float
+
+
+def set_up(args, cfg: Config, launched: float, imports_seconds: float) -> tuple[Bench, Startup]:
+    """Everything train.py builds, then its first optimizer step (the loop comes first, so that its first step
+    measures the startup)."""
     accelerator = build_accelerator(cfg)
     # A throwaway output folder from the main process for all ranks (every rank loads the checkpoints);
     # TemporaryDirectory deletes it at exit, also after an error.
@@ -276,7 +310,6 @@ def main(argv: list[str] | None = None) -> dict:
     root = [scratch.name if scratch else None]
     broadcast_object_list(root)
     cfg.output_dir, out = root[0], Path(root[0])
-    device, world = accelerator.device, accelerator.num_processes
     set_seed(cfg.train.seed)
     data_started = time.perf_counter()
     if cfg.data.path:
@@ -286,36 +319,47 @@ def main(argv: list[str] | None = None) -> dict:
         train_split = synthetic_split(cfg.data.train_limit or 50_000, cfg.model.num_classes)
         eval_split = train_split.head(cfg.train.eval_batch_size)
     data_seconds = time.perf_counter() - data_started
-    parts = build(cfg, accelerator, eval_split, train_split)
-    batches = parts.batches
-    parameters = list(accelerator.unwrap_model(parts.model).parameters())
-    baseline = (
-        read_baseline(accelerator, args.baseline, cfg, sum(p.numel() for p in parameters)) if args.baseline else None
-    )
-    run_hardware = hardware(accelerator)
-    tracker = tracking.Tracker(accelerator, cfg, out, None, run_hardware)
-    checkpoints = Checkpointer(accelerator, out / "checkpoints", cfg.checkpoint, cfg.to_dict())
-    state = RunState(tracker_run_id=tracker.run_id)
+    training = build_training(cfg, accelerator, train_split, eval_split)
+    tracker = tracking.Tracker(accelerator, cfg, out, None, hardware(accelerator))
+    checkpoints = Checkpointer.for_run(accelerator, cfg, training)
+    state = checkpoints.resume("never")
+    state.tracker_run_id = tracker.run_id
     loop = optimizer_steps(
-        accelerator, parts, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints, until=sys.maxsize
-    )  # train.py's steps, exactly; one item per optimizer step
+        accelerator, training, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints, until=sys.maxsize
+    )
+    data_description = cfg.data.path or f"synthetic ({len(train_split)} images)"
+    bench = Bench(args, cfg, accelerator, training, checkpoints, tracker, loop, scratch, data_description)
     startup_seconds = time.time() - launched
-    first_step_seconds = timed(loop, 1, device)[0]
-    launch_to_first_step = time.time() - launched
+    first_step_seconds = timed(loop, 1, accelerator.device)[0]
+    startup = Startup(
+        imports_seconds,
+        startup_seconds,
+        first_step_seconds,
+        time.time() - launched,
+        data_seconds if cfg.data.path else None,
+    )
+    return bench, startup
 
-    # 1. the bare loop: same network, micro-batch, precision, layout and optimizer ----------
+
+def bare_steps(bench: Bench):
+    """(1) the bare loop: the same network, micro-batch, precision, layout and optimizer as train.py's."""
+    cfg, accelerator = bench.cfg, bench.accelerator
+    device, micro_batch, layout = (
+        accelerator.device,
+        bench.training.batches.micro_batch,
+        memory_format(cfg.train.channels_last),
+    )
     set_seed(cfg.train.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    bare_model = DistCifarNet(cfg.model).to(device, memory_format=memory_format)
-    bare_optimizer = build_optimizer(bare_model, cfg.optim)
+    model = DistCifarNet(cfg.model).to(device, memory_format=layout)
+    optimizer = build_optimizer(model, cfg.optim)
     if cfg.train.compile:
-        bare_model = torch.compile(bare_model)
-    images = torch.randn(batches.micro_batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, cfg.model.num_classes, (batches.micro_batch,), device=device)
-    bare = bare_loop(
-        bare_model,
-        bare_optimizer,
+        model = torch.compile(model)
+    images = torch.randn(micro_batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
+    labels = torch.randint(0, cfg.model.num_classes, (micro_batch,), device=device)
+    return bare_loop(
+        model,
+        optimizer,
         images,
         labels,
         cfg.train.grad_accum_steps,
@@ -324,29 +368,31 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.optim.grad_clip,
     )
 
-    # Warm up, then time them in turn -------------------------------------------------------------
-    timed(bare, args.warmup, device)
-    timed(loop, args.warmup, device)
-    loops = {"bare": bare, "loop": loop}
-    ddp_model = getattr(parts.model, "_orig_mod", parts.model)  # under torch.compile: the DDP module inside
-    nosync_skips_all_reduce, hook_active = None, None
-    if world > 1:
+
+def time_steps(bench: Bench) -> StepTimes:
+    """(1), (2) and under N > 1 processes (2b), warmed up, then timed in turns: step by step on a CPU (nothing is
+    queued, and a burst of load from other jobs then hits every loop alike), run by run on a GPU (so that each loop
+    keeps its own queue full)."""
+    args, accelerator, device = bench.args, bench.accelerator, bench.accelerator.device
+    loops = {"bare": bare_steps(bench), "loop": bench.loop}
+    timed(loops["bare"], args.warmup, device)
+    timed(loops["loop"], args.warmup, device)
+    skips_all_reduce, hook_active = None, None
+    if accelerator.num_processes > 1:
+        ddp_model = uncompiled(bench.training.model)  # under torch.compile: the DDP module inside
         # no_sync must skip the all-reduce: identical weights before a no-sync step, different after it
-        before = rank_weight_spread(accelerator, parts.model)
-        loops["nosync"] = without_gradient_sync(ddp_model, loop)
+        before = rank_weight_spread(accelerator, bench.training.model)
+        loops["nosync"] = without_gradient_sync(ddp_model, bench.loop)
         timed(loops["nosync"], max(1, args.warmup), device)
-        nosync_skips_all_reduce = before == 0.0 and rank_weight_spread(accelerator, parts.model) > 0.0
-        if not nosync_skips_all_reduce:
-            accelerator.print(
-                "warning: the no-sync step did not leave the ranks different; its figure is not "
-                "a step without communication",
-                flush=True,
+        skips_all_reduce = before == 0.0 and rank_weight_spread(accelerator, bench.training.model) > 0.0
+        if not skips_all_reduce:
+            print_once(
+                "warning: the no-sync step did not leave the ranks different; its figure is not a step "
+                "without communication"
             )
         hook_active = comm_hook_active(ddp_model)
-    images_per_step = batches.micro_batch * cfg.train.grad_accum_steps  # per process
+    images_per_step = bench.training.batches.micro_batch * bench.cfg.train.grad_accum_steps  # per process
     runs = {name: [] for loop_name in loops for name in (loop_name, f"{loop_name}_cpu")}
-    # On a CPU take turns step by step: nothing is queued, and a burst of load from other jobs then hits
-    # every loop alike. On a GPU take turns run by run, so that each loop keeps its own queue full.
     chunk = 1 if device.type == "cpu" else args.steps
     for repeat in range(args.repeats):
         spent = {name: [0.0, 0.0] for name in loops}  # wall, CPU seconds
@@ -358,102 +404,62 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (wall, cpu) in spent.items():
             runs[name].append(args.steps * images_per_step / wall)
             runs[f"{name}_cpu"].append(cpu / args.steps)
-        accelerator.print(
-            f"  run {repeat + 1}/{args.repeats}: "
-            + ", ".join(f"{name} {runs[name][-1]:.1f}" for name in loops)
-            + " images/s per process",
-            flush=True,
-        )
-    del loops, bare, bare_model, bare_optimizer
+        runs_now = ", ".join(f"{name} {runs[name][-1]:.1f}" for name in loops)
+        print_once(f"  run {repeat + 1}/{args.repeats}: {runs_now} images/s per process")
+    return StepTimes(runs, skips_all_reduce, hook_active)
 
-    # The all-reduce of the uncompressed gradient alone: the link's bandwidth, for the model ---------
-    full_payload = scaling.gradient_bytes(parameters)
-    allreduce_seconds = scaling.measure_all_reduce(full_payload, device) if world > 1 else None
 
-    # 3. the data pipeline alone --------------------------------------------------------------
-    data = data_loop(batches)
+def time_data(bench: Bench) -> list[float]:
+    """(3) micro-batches per second of the data pipeline alone, once per repeat."""
+    data, device, count = data_loop(bench.training.batches), bench.accelerator.device, bench.args.data_steps
     timed(data, 2, device)
-    runs["data"] = [args.data_steps / timed(data, args.data_steps, device)[0] for _ in range(args.repeats)]
+    return [count / timed(data, count, device)[0] for _ in range(bench.args.repeats)]
 
-    # 4. checkpoints ----------------------------------------------------------------------
-    runs["checkpoint_save"], runs["checkpoint_load"] = [], []
-    for repeat in range(args.repeats):
+
+def time_checkpoints(bench: Bench) -> CheckpointTimes:
+    """(4) a full save and load with the Checkpointer, once per repeat."""
+    device, checkpoints = bench.accelerator.device, bench.checkpoints
+    times = CheckpointTimes([], [], 0.0)
+    for _ in range(bench.args.repeats):
         wait_for_device(device)
         started = time.perf_counter()
-        path = checkpoints.save(state, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
-        runs["checkpoint_save"].append(time.perf_counter() - started)
+        path = checkpoints.save()
+        times.save_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
-        checkpoints.load(path, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
+        checkpoints.load(path)
         wait_for_device(device)
-        runs["checkpoint_load"].append(time.perf_counter() - started)
-    checkpoint_bytes = sum(f.stat().st_size for f in path.iterdir())
-    tracker.finish()
-    accelerator.wait_for_everyone()
-    load_average.append(os.getloadavg()[0])
+        times.load_seconds.append(time.perf_counter() - started)
+    times.megabytes = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    return times
 
-    runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]  # paired: same load
-    if world > 1:  # 1 - t_nosync / t_sync, run by run
-        runs["communication_share"] = [1 - loop / nosync for loop, nosync in zip(runs["loop"], runs["nosync"])]
-    median = {name: statistics.median(values) for name, values in runs.items()}
-    per_rank = accelerator.gather(torch.tensor([median["loop"]], dtype=torch.float64, device=device)).tolist()
-    total = sum(per_rank)
+
+def scaling_figures(
+    bench: Bench, median: dict[str, float], steps: StepTimes, baseline: dict | None, allreduce_seconds: float | None
+) -> dict:
+    """What N processes buy (module docstring): per process unless "total"; None where one process has no DDP."""
+    accelerator, cfg, world = bench.accelerator, bench.cfg, bench.accelerator.num_processes
+    parameters = list(accelerator.unwrap_model(bench.training.model).parameters())
+    per_rank = accelerator.gather(torch.tensor([median["loop"]], dtype=torch.float64, device=accelerator.device))
+    total = sum(per_rank.tolist())
     # the bytes of the steps timed: a PowerSGD hook still in its warm-up all-reduces the whole gradient
-    payload = scaling.gradient_bytes(parameters, cfg.ddp.comm_hook if hook_active else "none", cfg.ddp.powersgd_rank)
+    hook = cfg.ddp.comm_hook if steps.comm_hook_active else "none"
+    payload = scaling.gradient_bytes(parameters, hook, cfg.ddp.powersgd_rank)
+    images_per_step = bench.training.batches.micro_batch * cfg.train.grad_accum_steps
     compute_seconds = images_per_step / (median["nosync"] if world > 1 else median["loop"])
-    link_gbps = scaling.ring_bytes(full_payload, world) / allreduce_seconds / 1e9 if world > 1 else None
-    predicted_share = (
-        scaling.predict(
-            compute_seconds, payload, world, link_gbps, bucket_bytes=cfg.ddp.bucket_cap_mb * 2**20
+    link_gbps, predicted_share = None, None
+    if world > 1:
+        link_gbps = scaling.ring_bytes(scaling.gradient_bytes(parameters), world) / allreduce_seconds / 1e9
+        bucket_bytes = cfg.ddp.bucket_cap_mb * 2**20
+        predicted_share = scaling.predict(
+            compute_seconds, payload, world, link_gbps, bucket_bytes=bucket_bytes
         ).communication_share
-        if world > 1
-        else None
-    )
     speedup = total / baseline["loop_images_per_second"] if baseline else None
-    result = {
-        "bare_images_per_second": median["bare"],
-        "loop_images_per_second": median["loop"],
-        "data_images_per_second": median["data"] * batches.micro_batch,
-        "data_batches_per_second": median["data"],
-        "loop_vs_bare_ratio": median["loop"] / median["bare"],
-        "data_vs_step_ratio": median["data"] * batches.micro_batch / median["loop"],
-        # CPU seconds per optimizer step: steadier than images/s on a shared CPU, meaningless on a GPU.
-        "bare_cpu_seconds_per_step": median["bare_cpu"],
-        "loop_cpu_seconds_per_step": median["loop_cpu"],
-        "loop_vs_bare_cpu_ratio": median["bare_cpu"] / median["loop_cpu"] if device.type == "cpu" else None,
-        "checkpoint_save_seconds": median["checkpoint_save"],
-        "checkpoint_load_seconds": median["checkpoint_load"],
-        "checkpoint_megabytes": checkpoint_bytes / 1e6,
-        "imports_seconds": imports_seconds,
-        "startup_seconds": startup_seconds,
-        "first_step_seconds": first_step_seconds,
-        "launch_to_first_step_seconds": launch_to_first_step,
-        "dataset_load_seconds": data_seconds if cfg.data.path else None,
-        "device": str(device),
-        "device_name": run_hardware["device_name"],
-        "num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "num_processes": world,
-        "mixed_precision": accelerator.mixed_precision,
-        "channels_last": cfg.train.channels_last,
-        "compile": cfg.train.compile,
-        "batch_size": cfg.train.batch_size,
-        "micro_batch_size": batches.micro_batch,
-        "grad_accum_steps": cfg.train.grad_accum_steps,
-        "log_every": cfg.train.log_every,
-        "model_parameters": sum(p.numel() for p in parameters),
-        "data": cfg.data.path or f"synthetic ({len(train_split)} images)",
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "repetitions": args.repeats,
-        "data_steps": args.data_steps,
-        "quick": args.quick,
-        "load_average": load_average,
-        # Scaling (module docstring); per process unless "total"; None where one process has no DDP
+    return {
         "total_images_per_second": total,
-        "rank_images_per_second": per_rank,
+        "rank_images_per_second": per_rank.tolist(),
         "nosync_images_per_second": median["nosync"] if world > 1 else None,
         "communication_share": median["communication_share"] if world > 1 else None,
-        "nosync_skips_all_reduce": nosync_skips_all_reduce,
+        "nosync_skips_all_reduce": steps.nosync_skips_all_reduce,
         "compute_seconds_per_step": compute_seconds,
         "gradient_megabytes": payload / 1e6,
         "allreduce_megabytes_per_process": scaling.ring_bytes(payload, world) / 1e6,
@@ -464,15 +470,90 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": speedup,
         "scaling_efficiency": speedup / world if baseline else None,
         "ddp": dataclasses.asdict(cfg.ddp),
-        "comm_hook_active": hook_active,
-        "prediction": None,
+        "comm_hook_active": steps.comm_hook_active,
+    }
+
+
+def describe(bench: Bench, load_average: list[float]) -> dict:
+    """What was measured, on what, with which settings."""
+    accelerator, cfg, args = bench.accelerator, bench.cfg, bench.args
+    parameters = accelerator.unwrap_model(bench.training.model).parameters()
+    return {
+        "device": str(accelerator.device),
+        "device_name": hardware(accelerator)["device_name"],
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "channels_last": cfg.train.channels_last,
+        "compile": cfg.train.compile,
+        "batch_size": cfg.train.batch_size,
+        "micro_batch_size": bench.training.batches.micro_batch,
+        "grad_accum_steps": cfg.train.grad_accum_steps,
+        "log_every": cfg.train.log_every,
+        "model_parameters": sum(p.numel() for p in parameters),
+        "data": bench.data_description,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repetitions": args.repeats,
+        "data_steps": args.data_steps,
+        "quick": args.quick,
+        "load_average": load_average,
         "torch_version": torch.__version__,
         "accelerate_version": accelerate.__version__,
+    }
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> dict:
+    launched = psutil.Process().create_time()  # wall clock at process start (imports included)
+    imports_seconds = time.time() - launched
+    argv = sys.argv[1:] if argv is None else argv
+    args, cfg = parse(argv)
+    if args.processes:
+        return sweep.sweep(args, cfg, argv)
+    if args.step_seconds:
+        return sweep.predict_only(args, cfg)
+    cfg.tracking.report_to, cfg.tracking.plots, cfg.resume = "none", False, "never"
+    load_average = [os.getloadavg()[0]]
+    bench, startup = set_up(args, cfg, launched, imports_seconds)  # (2) first: its first step is (5)
+    accelerator, world = bench.accelerator, bench.accelerator.num_processes
+    parameters = list(accelerator.unwrap_model(bench.training.model).parameters())
+    baseline = (
+        read_baseline(accelerator, args.baseline, cfg, sum(p.numel() for p in parameters)) if args.baseline else None
+    )
+    steps = time_steps(bench)  # (1), (2), (2b)
+    # The all-reduce of the uncompressed gradient alone: the link's bandwidth, for the model
+    allreduce_seconds = (
+        scaling.measure_all_reduce(scaling.gradient_bytes(parameters), accelerator.device) if world > 1 else None
+    )
+    runs = {**steps.runs, "data": time_data(bench)}  # (3)
+    checkpoints = time_checkpoints(bench)  # (4)
+    runs["checkpoint_save"], runs["checkpoint_load"] = checkpoints.save_seconds, checkpoints.load_seconds
+    bench.tracker.finish()
+    accelerator.wait_for_everyone()
+    load_average.append(os.getloadavg()[0])
+
+    runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]  # paired: same load
+    if world > 1:  # 1 - t_nosync / t_sync, run by run
+        runs["communication_share"] = [1 - loop / nosync for loop, nosync in zip(runs["loop"], runs["nosync"])]
+    median = {name: statistics.median(values) for name, values in runs.items()}
+    result = {
+        **speed_figures(median, bench.training.batches.micro_batch, accelerator.device, checkpoints),
+        **dataclasses.asdict(startup),
+        **describe(bench, load_average),
+        **scaling_figures(bench, median, steps, baseline, allreduce_seconds),
+        "prediction": None,
         "runs": runs,
     }
     if args.predict:
         result["prediction"], table = scaling.prediction_table(
-            compute_seconds, payload, args.predict, args.bandwidth, cfg.ddp.bucket_cap_mb * 2**20, args.target
+            result["compute_seconds_per_step"],
+            result["gradient_megabytes"] * 1e6,
+            args.predict,
+            args.bandwidth,
+            cfg.ddp.bucket_cap_mb * 2**20,
+            args.target,
         )
     if accelerator.is_main_process:
         print(report(result), flush=True)
@@ -480,9 +561,30 @@ def main(argv: list[str] | None = None) -> dict:
             print(table, flush=True)
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        scratch.cleanup()
-    leave(accelerator)  # every rank together; skips the teardown that can abort with several processes
+        bench.scratch.cleanup()
+    end_run(accelerator)  # every rank together; skips the teardown that can abort with several processes
     return result
+
+
+def speed_figures(
+    median: dict[str, float], micro_batch: int, device: torch.device, checkpoints: CheckpointTimes
+) -> dict:
+    """The medians of (1)-(4), and the ratios the targets are stated in."""
+    return {
+        "bare_images_per_second": median["bare"],
+        "loop_images_per_second": median["loop"],
+        "data_images_per_second": median["data"] * micro_batch,
+        "data_batches_per_second": median["data"],
+        "loop_vs_bare_ratio": median["loop"] / median["bare"],
+        "data_vs_step_ratio": median["data"] * micro_batch / median["loop"],
+        # CPU seconds per optimizer step: steadier than images/s on a shared CPU, meaningless on a GPU.
+        "bare_cpu_seconds_per_step": median["bare_cpu"],
+        "loop_cpu_seconds_per_step": median["loop_cpu"],
+        "loop_vs_bare_cpu_ratio": median["bare_cpu"] / median["loop_cpu"] if device.type == "cpu" else None,
+        "checkpoint_save_seconds": median["checkpoint_save"],
+        "checkpoint_load_seconds": median["checkpoint_load"],
+        "checkpoint_megabytes": checkpoints.megabytes,
+    }
 
 
 def comm_hook_active(ddp_model) -> bool | None:
@@ -518,142 +620,42 @@ def read_baseline(accelerator, path: str, cfg, parameters: int) -> dict:
     wrong = baseline.get("error") or ", ".join(
         f"{key} {baseline.get(key)!r} (here {value!r})" for key, value in want.items() if baseline.get(key) != value
     )
-    if wrong:
-        raise UsageError(
-            f"--baseline must be a one-process run of the same config: {wrong}" if accelerator.is_main_process else ""
+    if wrong:  # every rank read the same broadcast record
+        fail_together(
+            accelerator,
+            UsageError,
+            f"--baseline must be a one-process run of the same config: {wrong}",
+            same_on_every_rank=True,
         )
     return baseline
 
 
-def predict_only(args, cfg) -> dict:
-    """--step_seconds: the model's table from a given compute time, for the configured network; nothing measured."""
-    parameters = list(DistCifarNet(cfg.model).parameters())
-    payload = scaling.gradient_bytes(parameters, cfg.ddp.comm_hook, cfg.ddp.powersgd_rank)
-    rows, table = scaling.prediction_table(
-        args.step_seconds, payload, args.predict, args.bandwidth, cfg.ddp.bucket_cap_mb * 2**20, args.target
-    )
-    print(table, flush=True)
-    result = {
-        "compute_seconds_per_step": args.step_seconds,
-        "gradient_megabytes": payload / 1e6,
-        "model_parameters": sum(p.numel() for p in parameters),
-        "ddp": dataclasses.asdict(cfg.ddp),
-        "prediction": rows,
-    }
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def without_options(argv: list[str], *names: str) -> list[str]:
-    """argv less `--name VALUE` and `--name=VALUE` for each name."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in names:
-            skip = True
-        elif not any(arg.startswith(f"{name}=") for name in names):
-            kept.append(arg)
-    return kept
-
-
-def sweep(args, cfg, argv: list[str]) -> dict:
-    """--processes 1,2,3: this benchmark once per count, one after the other, each N > 1 with --baseline of
-    the one-process run (which comes first whether listed or not); one table, and with --output one JSON."""
-    import socket
-
-    batch, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
-    uneven = [n for n in args.processes if batch % (n * accum)]
-    if uneven:  # refuse before the first run rather than after it
-        multiple = math.lcm(*args.processes) * accum
-        raise UsageError(
-            f"--processes: train.batch_size {batch} does not split over {uneven} processes x {accum} "
-            f"accumulation; use a multiple of {multiple} (e.g. --train.batch_size {multiple * 64})"
-        )
-    root = Path(__file__).resolve().parent.parent
-    accelerate_bin = Path(sys.executable).parent / "accelerate"
-    launch_file = root / "launch" / ("multi_gpu.yaml" if torch.cuda.is_available() else "cpu_multi.yaml")
-    child_args = without_options(argv, "--processes", "--output", "--baseline")
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="distcifar-sweep-") as folder:
-        for n in sorted(set(args.processes) | {1}):
-            output = Path(folder) / f"{n}.json"
-            if n == 1:
-                command = [sys.executable, "-m", "distcifar.benchmark", *child_args, "--output", str(output)]
-            else:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", 0))
-                    port = sock.getsockname()[1]
-                command = [
-                    str(accelerate_bin) if accelerate_bin.exists() else "accelerate",
-                    "launch",
-                    "--config_file",
-                    str(launch_file),
-                    "--num_processes",
-                    str(n),
-                    "--main_process_port",
-                    str(port),
-                    "-m",
-                    "distcifar.benchmark",
-                    *child_args,
-                    "--output",
-                    str(output),
-                    "--baseline",
-                    str(Path(folder) / "1.json"),
-                ]
-            print(f"== {n} process(es): {' '.join(command)}", flush=True)
-            if subprocess.run(command, cwd=root).returncode != 0 or not output.exists():
-                raise RunFailed(f"the {n}-process benchmark failed (its output is above)")
-            results[n] = json.loads(output.read_text())
-    one = results[1]["loop_images_per_second"]
-    table = [
-        {
-            "processes": n,
-            "threads_per_process": r["num_threads"],
-            "images_per_second_per_process": r["loop_images_per_second"],
-            "total_images_per_second": r["total_images_per_second"],
-            "speedup": r["total_images_per_second"] / one,
-            "scaling_efficiency": r["total_images_per_second"] / one / n,
-            "nosync_images_per_second": r["nosync_images_per_second"],
-            "communication_share": r["communication_share"],
-            "predicted_communication_share": r["predicted_communication_share"],
-            "link_gbps": r["link_gbps"],
-            "load_average": r["load_average"],
-        }
-        for n, r in results.items()
-    ]
-    print(sweep_report(table), flush=True)
-    combined = {"table": table, "runs": {str(n): r for n, r in results.items()}}
-    if args.output:
-        Path(args.output).write_text(json.dumps(combined, indent=2) + "\n")
-    return combined
-
-
-def sweep_report(table: list[dict]) -> str:
-    fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
-    lines = [
-        "scaling: the same config on 1..N processes of this machine (per process unless total)",
-        f"  {'N':>3} {'threads':>7} {'images/s':>9} {'total':>8} {'speedup':>8} {'efficiency':>10} "
-        f"{'no-sync':>8} {'comm share':>10} {'model':>6} {'GB/s':>6}  load",
-    ]
-    for row in table:
-        lines.append(
-            f"  {row['processes']:>3} {row['threads_per_process']:>7} {row['images_per_second_per_process']:>9.1f} "
-            f"{row['total_images_per_second']:>8.1f} {row['speedup']:>8.2f} {row['scaling_efficiency']:>10.2f} "
-            f"{fmt(row['nosync_images_per_second'], '8.1f'):>8} {fmt(row['communication_share'], '10.1%'):>10} "
-            f"{fmt(row['predicted_communication_share'], '6.1%'):>6} {fmt(row['link_gbps'], '6.2f'):>6}  "
-            f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f}"
-        )
-    return "\n".join(lines)
+def _spread(values: list[float], spec: str) -> str:
+    return " ".join(format(v, spec) for v in values)
 
 
 def report(r: dict) -> str:
+    """The benchmark's printed table: a header, then one row per figure (median, then each run)."""
+    rows = _rows(r) + (_scaling_rows(r) if r["num_processes"] > 1 else [])
+    header = (
+        f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, "
+        f"{r['num_processes']} process(es), precision {r['mixed_precision']}, channels_last "
+        f"{r['channels_last']}, compile {r['compile']}\nbatch {r['batch_size']} = {r['micro_batch_size']} "
+        f"per device x {r['grad_accum_steps']} accumulation x {r['num_processes']} | "
+        f"{r['model_parameters'] / 1e6:.2f}M parameters | {r['data']} | {r['repetitions']} x {r['steps']} steps "
+        f"after {r['warmup']} warm-up | load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}"
+    )
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {value:>16}   {detail}".rstrip() for name, value, detail in rows]
+    targets = "  targets (seed network, batch 128, 2-core CPU): loop / bare >= 0.95, data / loop >= 20, save <= 0.5 s"
+    return "\n".join([header, f"  {'':<{width}}  {'median':>16}   runs", *lines, targets])
+
+
+def _rows(r: dict) -> list[tuple[str, str, str]]:
     runs = r["runs"]
-    spread = lambda values, fmt: " ".join(format(v, fmt) for v in values)  # noqa: E731
     rows = [
-        ("1. bare PyTorch step", f"{r['bare_images_per_second']:.1f} images/s", spread(runs["bare"], ".1f")),
-        ("2. train.py step", f"{r['loop_images_per_second']:.1f} images/s", spread(runs["loop"], ".1f")),
+        ("1. bare PyTorch step", f"{r['bare_images_per_second']:.1f} images/s", _spread(runs["bare"], ".1f")),
+        ("2. train.py step", f"{r['loop_images_per_second']:.1f} images/s", _spread(runs["loop"], ".1f")),
         (
             "3. data pipeline",
             f"{r['data_images_per_second']:.0f} images/s",
@@ -662,9 +664,9 @@ def report(r: dict) -> str:
         (
             "4. checkpoint save",
             f"{r['checkpoint_save_seconds']:.3f} s",
-            f"{spread(runs['checkpoint_save'], '.3f')} ({r['checkpoint_megabytes']:.0f} MB)",
+            f"{_spread(runs['checkpoint_save'], '.3f')} ({r['checkpoint_megabytes']:.0f} MB)",
         ),
-        ("   checkpoint load", f"{r['checkpoint_load_seconds']:.3f} s", spread(runs["checkpoint_load"], ".3f")),
+        ("   checkpoint load", f"{r['checkpoint_load_seconds']:.3f} s", _spread(runs["checkpoint_load"], ".3f")),
         (
             "5. launch -> first step",
             f"{r['startup_seconds']:.1f} s",
@@ -674,62 +676,45 @@ def report(r: dict) -> str:
     ]
     if r["dataset_load_seconds"] is not None:
         rows.append(("   of which dataset load", f"{r['dataset_load_seconds']:.1f} s", ""))
-    rows.append(("loop / bare", f"{r['loop_vs_bare_ratio']:.3f}", f"run by run {spread(runs['loop_vs_bare'], '.3f')}"))
+    rows.append(("loop / bare", f"{r['loop_vs_bare_ratio']:.3f}", f"run by run {_spread(runs['loop_vs_bare'], '.3f')}"))
     if r["loop_vs_bare_cpu_ratio"] is not None:
-        rows.append(
-            (
-                "loop / bare in CPU time",
-                f"{r['loop_vs_bare_cpu_ratio']:.3f}",
-                f"{r['bare_cpu_seconds_per_step']:.2f} vs {r['loop_cpu_seconds_per_step']:.2f} CPU s/step",
-            )
-        )
+        cpu = f"{r['bare_cpu_seconds_per_step']:.2f} vs {r['loop_cpu_seconds_per_step']:.2f} CPU s/step"
+        rows.append(("loop / bare in CPU time", f"{r['loop_vs_bare_cpu_ratio']:.3f}", cpu))
     rows.append(("data / loop", f"{r['data_vs_step_ratio']:.1f}", ""))
-    if r["num_processes"] > 1:
-        n = r["num_processes"]
-        hook = r["ddp"]["comm_hook"] + (
-            ""
-            if r["comm_hook_active"] is not False
-            else " (in its warm-up: whole gradient; see ddp.powersgd_start_step)"
-        )
-        rows += [
-            (
-                "2b. train.py step, no grad sync",
-                f"{r['nosync_images_per_second']:.1f} images/s",
-                spread(runs["nosync"], ".1f")
-                + ("" if r["nosync_skips_all_reduce"] else "  (NOT checked: see warning)"),
-            ),
-            (
-                "communication share",
-                f"{r['communication_share']:.1%}",
-                f"run by run {spread(runs['communication_share'], '.1%')}; model {r['predicted_communication_share']:.1%}",
-            ),
-            (
-                "gradient all-reduce",
-                f"{r['gradient_megabytes']:.1f} MB/step",
-                f"comm_hook {hook}; the fp32 gradient alone: {r['allreduce_seconds'] * 1e3:.0f} ms, "
-                f"{r['link_gbps']:.2f} GB/s bus bandwidth",
-            ),
-            (
-                f"total over {n} processes",
-                f"{r['total_images_per_second']:.1f} images/s",
-                ""
-                if r["speedup"] is None
-                else f"{r['speedup']:.2f} x one process ({r['baseline_images_per_second']:.1f}), "
-                f"scaling efficiency {r['scaling_efficiency']:.2f}",
-            ),
-        ]
-    header = (
-        f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, "
-        f"{r['num_processes']} process(es), precision {r['mixed_precision']}, channels_last "
-        f"{r['channels_last']}, compile {r['compile']}\nbatch {r['batch_size']} = {r['micro_batch_size']} "
-        f"per device x {r['grad_accum_steps']} accumulation x {r['num_processes']} | {r['model_parameters'] / 1e6:.2f}M "
-        f"parameters | {r['data']} | {r['repetitions']} x {r['steps']} steps after {r['warmup']} warm-up | "
-        f"load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}"
+    return rows
+
+
+def _scaling_rows(r: dict) -> list[tuple[str, str, str]]:
+    runs, n = r["runs"], r["num_processes"]
+    warming_up = " (in its warm-up: whole gradient; see ddp.powersgd_start_step)"
+    hook = r["ddp"]["comm_hook"] + ("" if r["comm_hook_active"] is not False else warming_up)
+    checked = "" if r["nosync_skips_all_reduce"] else "  (NOT checked: see warning)"
+    shares = _spread(runs["communication_share"], ".1%")
+    speedup = (
+        ""
+        if r["speedup"] is None
+        else f"{r['speedup']:.2f} x one process ({r['baseline_images_per_second']:.1f}), "
+        f"scaling efficiency {r['scaling_efficiency']:.2f}"
     )
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"  {name:<{width}}  {value:>16}   {detail}".rstrip() for name, value, detail in rows]
-    targets = "  targets (seed network, batch 128, 2-core CPU): loop / bare >= 0.95, data / loop >= 20, save <= 0.5 s"
-    return "\n".join([header, f"  {'':<{width}}  {'median':>16}   runs", *lines, targets])
+    return [
+        (
+            "2b. train.py step, no grad sync",
+            f"{r['nosync_images_per_second']:.1f} images/s",
+            _spread(runs["nosync"], ".1f") + checked,
+        ),
+        (
+            "communication share",
+            f"{r['communication_share']:.1%}",
+            f"run by run {shares}; model {r['predicted_communication_share']:.1%}",
+        ),
+        (
+            "gradient all-reduce",
+            f"{r['gradient_megabytes']:.1f} MB/step",
+            f"comm_hook {hook}; the fp32 gradient alone: {r['allreduce_seconds'] * 1e3:.0f} ms, "
+            f"{r['link_gbps']:.2f} GB/s bus bandwidth",
+        ),
+        (f"total over {n} processes", f"{r['total_images_per_second']:.1f} images/s", speedup),
+    ]
 
 
 if __name__ == "__main__":

@@ -1,61 +1,20 @@
-"""The command line shared by every entry point: its parser, and usage errors as exit code 2.
+"""The command-line parser every entry point shares (jsonargparse), each of its errors one UsageError line.
 
-Every entry point (train, evaluate, benchmark, plot) runs its main() through `entry_point`, which
-turns a UsageError into one `error: ...` line on stderr and exit code 2 (a RunFailed: exit code 1). Parsing uses jsonargparse;
-YAML values are read as YAML 1.2 does: `1e-3` is a number, and only true/false are booleans (`no`
-stays a string).
+YAML values are read as YAML 1.2 does: `1e-3` is a number, and only true/false are booleans (`no` stays a
+string). How a UsageError becomes exit code 2 is in errors.py.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
-import os
 import re
-import sys
 
 import yaml
 from jsonargparse import ArgumentParser, set_loader, set_parsing_settings
 
+from distcifar.errors import UsageError, one_line
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-
-class UsageError(Exception):
-    """The user asked for something that cannot be done as given (exit code 2)."""
-
-
-class RunFailed(Exception):
-    """The run met a fault it can name (divergence, a full disk); nothing good was lost (exit code 1)."""
-
-
-EXIT_CODE_FILE = "DISTCIFAR_EXIT_CODE_FILE"
-
-
-def entry_point(main):
-    """Run main(); a UsageError becomes one line on stderr and exit code 2, a RunFailed exit code 1.
-
-    accelerate launch exits with 1 whatever its workers' codes, so the main process (RANK 0 or no
-    launcher) also writes its code to the file $DISTCIFAR_EXIT_CODE_FILE names, when set
-    (slurm/train.sh sets it and exits with that code)."""
-
-    @functools.wraps(main)
-    def run(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except (UsageError, RunFailed) as err:
-            if str(err):  # empty: another rank follows the main process's error, which says it once
-                print(f"error: {err}", file=sys.stderr, flush=True)
-            code = 2 if isinstance(err, UsageError) else 1
-            path = os.environ.get(EXIT_CODE_FILE)
-            if path and os.environ.get("RANK", "0") == "0":
-                try:
-                    with open(path, "w") as file:
-                        file.write(f"{code}\n")
-                except OSError:  # not on the launching host: the launcher's code stands
-                    pass
-            sys.exit(code)
-
-    return run
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -86,7 +45,7 @@ class _Parser(ArgumentParser):
     """jsonargparse, with every error raised as one UsageError line."""
 
     def error(self, message: str, *args, **kwargs):
-        message = " ".join(str(message).split())
+        message = one_line(message)
         unknown = re.match(r"unrecognized arguments: (--[\w.-]+)", message)
         if unknown:
             name = unknown.group(1).split("=")[0]

@@ -4,7 +4,7 @@
     --section.field V    one field; lists as [8,16,32], strings as they are typed
 
 Each section checks its own values in `__post_init__` (checks that need the process count live where
-it is known: TrainBatches, runtime.build_accelerator). Every mistake (unknown key, wrong type,
+it is known: TrainBatches, accelerator.build_accelerator). Every mistake (unknown key, wrong type,
 impossible value) becomes a ConfigError: one line that names the field, turned into exit code 2
 before any heavy work starts. How values are read (YAML 1.2) is said in cli.py.
 """
@@ -19,11 +19,8 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from distcifar.cli import UsageError, make_parser
-
-
-class ConfigError(UsageError):
-    """A mistake in the configuration or the command line."""
+from distcifar.cli import make_parser
+from distcifar.errors import ConfigError, UsageError, one_line
 
 
 def _check(condition: bool, message: str) -> None:
@@ -144,7 +141,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     """Evaluation batch per device."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """auto: bf16 where the hardware has it (GPUs, CPUs with AVX-512 BF16 / AMX), else fp32. fp16: GPU only."""
+    """auto: bf16 where the hardware runs it natively (recent GPUs, CPUs with AVX-512 BF16 / AMX), else fp16 with
+    loss scaling on a GPU and fp32 on a CPU. fp16: GPU only."""
     channels_last: bool = True
     compile: bool = False
     """torch.compile the model."""
@@ -321,5 +319,5 @@ def parse_config(
         built = parser.instantiate(namespace)
         cfg = Config(**{f.name: built[f.name] for f in dataclasses.fields(Config)})
     except (ValueError, TypeError) as err:
-        raise ConfigError(" ".join(str(err).split())) from None
+        raise ConfigError(one_line(err)) from None
     return cfg, built

@@ -22,16 +22,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distcifar.cli import UsageError
 from distcifar.config import DataConfig
+from distcifar.errors import DataError
+from distcifar.files import replaced_atomically
+from distcifar.model import memory_format
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-class DataError(UsageError):
-    """The dataset cannot be used as given."""
 
 
 @dataclass
@@ -173,9 +171,8 @@ def decoded_split(ds, split_name: str, cfg: DataConfig, num_classes: int) -> Spl
         return Split(tensors["images"], tensors["labels"])
     split = _decode(ds, split_name, num_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    save_file({"images": split.images, "labels": split.labels}, tmp)
-    os.replace(tmp, cache)  # atomic: a reader sees the whole file or none
+    with replaced_atomically(cache) as temporary:  # a reader sees the whole file or none
+        save_file({"images": split.images, "labels": split.labels}, temporary)
     return split
 
 
@@ -298,7 +295,7 @@ class TrainBatches:
         self.batch_size, self.accum, self.rank, self.world = batch_size, grad_accum_steps, rank, world_size
         self.micro_batch = batch_size // (grad_accum_steps * world_size)
         self.steps_per_epoch = len(train) // batch_size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format(channels_last)
         self._generator = torch.Generator(device=device)
         self._order_epoch, self._order = -1, None
 

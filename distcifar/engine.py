@@ -1,6 +1,5 @@
-"""What a run is made of and how it steps: one construction path, the run state, the optimizer-step
-generator that train.py and benchmark.py both drive, and evaluation.
-"""
+"""What a training run is made of and how it steps: one construction path (build_training, shared by train.py
+and the benchmark), the optimizer-step generator that both drive, and evaluation."""
 
 from __future__ import annotations
 
@@ -12,88 +11,53 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distcifar.cli import RunFailed
-from distcifar.config import Config, ConfigError, OptimConfig
+from distcifar.config import Config, OptimConfig
 from distcifar.data import Split, TrainBatches, normalize
-from distcifar.model import DistCifarNet
+from distcifar.errors import DIVERGED_HINT, ConfigError, TrainingDiverged
+from distcifar.hardware import wait_for_device
+from distcifar.model import DistCifarNet, memory_format, uncompiled
 from distcifar.optim import build_optimizer, build_scheduler
-from distcifar.runtime import agree
-
-
-class TrainingDiverged(RunFailed):
-    """The loss or the weights are no longer finite."""
-
-
-DIVERGED_HINT = "lower optim.lr or set optim.grad_clip (e.g. 1.0), then start again or resume from a checkpoint"
-
-
-def check_finite(model: torch.nn.Module, step: int) -> None:
-    """Raise TrainingDiverged if any weight or buffer is NaN or infinite (one host sync)."""
-    floats = [t for t in model.state_dict().values() if t.is_floating_point()]
-    if not torch.stack([t.isfinite().all() for t in floats]).all():
-        raise TrainingDiverged(
-            f"training diverged by step {step}: the weights hold NaN or infinite values; {DIVERGED_HINT}"
-        )
-
-
-def wait_for_device(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a clock read next counts work done rather than work queued."""
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
-def rank_weight_spread(accelerator, model: torch.nn.Module) -> float:
-    """max - min over ranks of the sum of every weight: 0.0 while DDP keeps the ranks identical (one gather)."""
-    checksum = sum(p.detach().double().sum() for p in model.parameters())
-    sums = accelerator.gather(checksum[None])
-    return (sums.max() - sums.min()).item()
+from distcifar.ranks import fail_together, max_over_ranks, rank_weight_spread
+from distcifar.state import RunState, StepReport
 
 
 @dataclass
-class RunState:
-    """Everything a resumed run needs besides the weights, optimizer and RNG; epoch and position
-    in the epoch follow from `step` (TrainBatches.at_step)."""
+class Training:
+    """What build_training prepares for one run."""
 
-    step: int = 0  # optimizer steps done
-    wall_seconds: float = 0.0  # the loop's wall time over all attempts, evaluations and saves included
-    train_seconds: float = 0.0  # time spent taking optimizer steps over all attempts (no evaluations, no saves)
-    best_accuracy: float | None = None
-    tracker_run_id: str | None = None
-
-
-@dataclass
-class Parts:
     model: torch.nn.Module  # prepared (DDP-wrapped on several processes), maybe compiled
-    eval_loader: torch.utils.data.DataLoader
-    memory_format: torch.memory_format
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # stepped once per optimizer step, never prepared
-    batches: TrainBatches | None = None
-    total_steps: int = 0  # of the whole run: epochs x steps per epoch, or train.max_steps
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimizer step, never prepared
+    batches: TrainBatches
+    total_steps: int  # of the whole run: epochs x steps per epoch, or train.max_steps
+    eval_loader: torch.utils.data.DataLoader  # prepared: each rank evaluates its shard
 
 
-def build(
-    cfg: Config, accelerator, evaluation: Split, train: Split | None = None, model: torch.nn.Module | None = None
-) -> Parts:
-    """Model, eval loader and, given a training split, optimizer, scheduler and batches, prepared."""
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model if model is not None else DistCifarNet(cfg.model)
+def _eval_loader(cfg: Config, split: Split) -> torch.utils.data.DataLoader:
+    dataset = torch.utils.data.TensorDataset(split.images, split.labels)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.train.eval_batch_size)
+
+
+def prepare_for_evaluation(cfg: Config, accelerator, model: torch.nn.Module, split: Split):
+    """(model, eval loader), prepared: evaluate.py's half of build_training."""
+    model = model.to(memory_format=memory_format(cfg.train.channels_last))
+    return accelerator.prepare(model, _eval_loader(cfg, split))
+
+
+def build_training(cfg: Config, accelerator, train: Split, evaluation: Split) -> Training:
+    """The seed network (cfg.model), its optimizer, schedule, batches and eval loader, prepared."""
+    model = DistCifarNet(cfg.model)
     if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
-            raise ConfigError(
+            fail_together(
+                accelerator,
+                ConfigError,
                 "train.sync_batchnorm needs GPUs (PyTorch's SyncBatchNorm refuses CPU tensors); "
-                "set it false for a CPU run"
-                if accelerator.is_main_process
-                else ""
+                "set it false for a CPU run",
+                same_on_every_rank=True,
             )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(memory_format=memory_format)
-    eval_loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(evaluation.images, evaluation.labels), batch_size=cfg.train.eval_batch_size
-    )
-    if train is None:
-        model, eval_loader = accelerator.prepare(model, eval_loader)
-        return Parts(model, eval_loader, memory_format)
+    model = model.to(memory_format=memory_format(cfg.train.channels_last))
     batches = TrainBatches(
         train,
         cfg.data,
@@ -108,18 +72,11 @@ def build(
     total_steps = cfg.train.epochs * batches.steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, batches.steps_per_epoch, total_steps)
-    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    model, optimizer, eval_loader = accelerator.prepare(model, optimizer, _eval_loader(cfg, evaluation))
     if cfg.train.compile:
         model = torch.compile(model)
-    return Parts(
-        model,
-        eval_loader,
-        memory_format,
-        optimizer,
-        scheduler,
-        batches,
-        min(total_steps, cfg.train.max_steps or total_steps),
-    )
+    total_steps = min(total_steps, cfg.train.max_steps or total_steps)
+    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader)
 
 
 def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, want_grad_norm: bool):
@@ -138,17 +95,40 @@ def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, w
     return loss_sum / accelerator.gradient_accumulation_steps, grad_norm
 
 
-@dataclass
-class StepReport:
-    """What one optimizer step leaves for its driver to act on."""
+class _LogWindow:
+    """The steps since the last log line: their summed loss, kept on the device (never read back between log
+    lines), and the training seconds when the window opened."""
 
-    metrics: dict | None = None  # on logging steps: the row just logged
-    stop_signal: int = 0  # a SIGTERM/SIGINT/SIGUSR1 on any rank, agreed by all
-    timer_due: bool = False  # checkpoint.every_minutes has passed on some rank, agreed by all
+    def __init__(self, device: torch.device, train_seconds: float):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.opened = 0, train_seconds
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def mean_loss(self, accelerator, step: int) -> float:
+        """The window's mean train loss over all ranks (a host sync); TrainingDiverged if it is not finite."""
+        loss = accelerator.reduce(self.loss_sum, "mean").item() / self.steps
+        if not math.isfinite(loss):  # the same value on every rank: all stop
+            raise TrainingDiverged(f"training diverged at step {step}: the train loss is {loss}; {DIVERGED_HINT}")
+        return loss
+
+    def reopen(self, train_seconds: float) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.opened = 0, train_seconds
 
 
 def optimizer_steps(
-    accelerator, parts: Parts, cfg: Config, state: RunState, *, tracker, stop, checkpoints, until: int | None = None
+    accelerator,
+    training: Training,
+    cfg: Config,
+    state: RunState,
+    *,
+    tracker,
+    stop,
+    checkpoints,
+    until: int | None = None,
 ) -> Iterator[StepReport]:
     """Take optimizer steps from `state.step` to `until` (default: the run's end), advancing `state`
     and logging every train.log_every steps; yield a StepReport after each step. `stop` is the
@@ -158,92 +138,92 @@ def optimizer_steps(
     ranks agree on stopping and on the checkpoint timer (on a CPU every step: there is no queue to
     drain). state.train_seconds counts the time spent in here, not what the driver does between steps
     (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued."""
-    model, optimizer, scheduler, batches = parts.model, parts.optimizer, parts.scheduler, parts.batches
-    until = parts.total_steps if until is None else until
+    model, scheduler, batches = training.model, training.scheduler, training.batches
+    until = training.total_steps if until is None else until
     check_every = 1 if accelerator.device.type == "cpu" else 10
-    steps_per_epoch, world = batches.steps_per_epoch, accelerator.num_processes
     started, wall_before = time.monotonic(), state.wall_seconds
-    loss_sum = torch.zeros((), device=accelerator.device)
-    window_steps, window_started, epoch_started = 0, state.train_seconds, state.train_seconds
+    window, epoch_started = _LogWindow(accelerator.device, state.train_seconds), state.train_seconds
     model.train()
     resumed = time.monotonic()  # when the driver last handed control back
     while state.step < until:
         logging_step = (state.step + 1) % cfg.train.log_every == 0
-        loss, grad_norm = train_step(
-            accelerator, model, optimizer, batches.at_step(state.step), cfg.optim, logging_step
-        )
-        loss_sum += loss
+        micro_batches = batches.at_step(state.step)
+        loss, grad_norm = train_step(accelerator, model, training.optimizer, micro_batches, cfg.optim, logging_step)
+        window.add(loss)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         state.step += 1
-        window_steps += 1
-        epoch_end = state.step % steps_per_epoch == 0
+        epoch_end = state.step % batches.steps_per_epoch == 0
         report = StepReport()
         if logging_step:  # reading the loss waits for the step, so the clock below counts work done
-            train_loss = accelerator.reduce(loss_sum, "mean").item() / window_steps
-            if not math.isfinite(train_loss):  # the same value on every rank: all stop
-                raise TrainingDiverged(
-                    f"training diverged at step {state.step}: the train loss is {train_loss}; {DIVERGED_HINT}"
-                )
-            report.metrics = {
-                "train/epoch": state.step / steps_per_epoch,
-                "train/loss": train_loss,
-                "train/lr": lr,
-                "train/grad_norm": float(grad_norm),
-            }
-            if world > 1:  # DDP keeps ranks identical; check it rather than assume it
-                report.metrics["train/rank_weight_max_diff"] = rank_weight_spread(accelerator, model)
+            report.metrics = _step_metrics(
+                accelerator, model, window, state.step, batches.steps_per_epoch, lr, grad_norm
+            )
         elif epoch_end:
             wait_for_device(accelerator.device)
         if state.step % check_every == 0:
-            signum, due = agree(accelerator, stop.signum if stop else 0, checkpoints.timer_expired())
-            report.stop_signal, report.timer_due = int(signum), bool(due)
+            signum, due = max_over_ranks(accelerator, stop.signum if stop else 0, checkpoints.timer_expired())
+            report.stop_signal, report.save_timer_due = int(signum), bool(due)
         now = time.monotonic()
         state.train_seconds += now - resumed
         state.wall_seconds = wall_before + now - started
         if logging_step:
-            images_per_second = window_steps * cfg.train.batch_size / (state.train_seconds - window_started)
-            report.metrics.update(
-                {
-                    "train/images_per_second": images_per_second,
-                    "train/images_per_second_per_process": images_per_second / world,
-                }
-            )
+            images_per_second = window.steps * cfg.train.batch_size / (state.train_seconds - window.opened)
+            report.metrics["train/images_per_second"] = images_per_second
+            report.metrics["train/images_per_second_per_process"] = images_per_second / accelerator.num_processes
             tracker.log(report.metrics, step=state.step)
-            loss_sum.zero_()
-            window_steps, window_started = 0, state.train_seconds
+            window.reopen(state.train_seconds)
         if epoch_end:
+            epoch = state.step / batches.steps_per_epoch
             tracker.log(
-                {
-                    "train/epoch_seconds": state.train_seconds - epoch_started,
-                    "train/epoch": state.step / steps_per_epoch,
-                },
-                step=state.step,
+                {"train/epoch_seconds": state.train_seconds - epoch_started, "train/epoch": epoch}, step=state.step
             )
             epoch_started = state.train_seconds
         yield report
         resumed = time.monotonic()
 
 
+def _step_metrics(
+    accelerator, model, window: _LogWindow, step: int, steps_per_epoch: int, lr: float, grad_norm
+) -> dict:
+    """The log row of a logging step, but for its rates (which need the clock read after this sync)."""
+    metrics = {
+        "train/epoch": step / steps_per_epoch,
+        "train/loss": window.mean_loss(accelerator, step),
+        "train/lr": lr,
+        "train/grad_norm": float(grad_norm),
+    }
+    if accelerator.num_processes > 1:  # DDP keeps ranks identical; check it rather than assume it
+        metrics["train/rank_weight_max_diff"] = rank_weight_spread(accelerator, model)
+    return metrics
+
+
 @torch.no_grad()
-def evaluate(accelerator, parts: Parts, num_classes: int, hflip: bool = False) -> dict:
+def evaluate(
+    accelerator,
+    model,
+    loader,
+    *,
+    num_classes: int,
+    hflip: bool = False,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> dict:
     """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once. With `hflip`
     the logits are the mean of the image's and its mirror image's (test-time augmentation)."""
-    model = getattr(parts.model, "_orig_mod", parts.model)  # torch.compile is for training: here it would recompile
+    model = uncompiled(model)  # torch.compile is for training: here it would recompile
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for images, labels in parts.eval_loader:
+    for images, labels in loader:
         with accelerator.autocast():
-            logits = model(normalize(images).contiguous(memory_format=parts.memory_format)).float()
+            logits = model(normalize(images).contiguous(memory_format=layout)).float()
             if hflip:
-                mirrored = normalize(images.flip(3)).contiguous(memory_format=parts.memory_format)
+                mirrored = normalize(images.flip(3)).contiguous(memory_format=layout)
                 logits = (logits + model(mirrored).float()) / 2
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
-            num_classes, -1
-        )
+        predictions = labels * num_classes + logits.argmax(1)
+        confusion += torch.bincount(predictions, minlength=num_classes**2).view(num_classes, -1)
     model.train()
     confusion = confusion.cpu()
     samples = int(confusion.sum())

@@ -20,13 +20,14 @@ if __package__ in (None, ""):
 
 from safetensors.torch import load
 
-from distcifar.checkpoint import CheckpointError, read_verified
-from distcifar.cli import entry_point
+from distcifar.accelerator import build_accelerator
+from distcifar.checkpoint_format import read_verified
 from distcifar.config import ModelConfig, parse_config, repo_id_problem
 from distcifar.data import CLASSES, load_splits
-from distcifar.engine import build, evaluate
-from distcifar.model import DistCifarNet
-from distcifar.runtime import build_accelerator, leave
+from distcifar.engine import evaluate, prepare_for_evaluation
+from distcifar.errors import CheckpointError, entry_point, one_line
+from distcifar.model import DistCifarNet, memory_format
+from distcifar.ranks import end_run
 
 
 def load_model(path: Path) -> DistCifarNet:
@@ -64,9 +65,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     except RepositoryNotFoundError:
         why = "the hub has no such model repository (or it is private and no token was given)"
     except EntryNotFoundError as err:
-        why = f"the repository is not a distcifar export ({' '.join(str(err).split())[:200]})"
+        why = f"the repository is not a distcifar export ({one_line(err, 200)})"
     except OSError as err:
-        why = f"the download failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+        why = f"the download failed ({type(err).__name__}: {one_line(err, 200)})"
     else:
         return Path(files[-1]).parent
     raise CheckpointError(f"{repo_id}: no such local folder, and as a hub model id: {why}")
@@ -109,8 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = build_accelerator(cfg)
     with accelerator.main_process_first():
         _, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
+    model, loader = prepare_for_evaluation(cfg, accelerator, model, eval_split)
     result = evaluate(
-        accelerator, build(cfg, accelerator, eval_split, model=model), cfg.model.num_classes, cfg.train.eval_hflip
+        accelerator,
+        model,
+        loader,
+        num_classes=cfg.model.num_classes,
+        hflip=cfg.train.eval_hflip,
+        layout=memory_format(cfg.train.channels_last),
     )
     result.update(
         eval_split=eval_name,
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(result))
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=2))
-    leave(accelerator)  # every rank together; skips the teardown that can abort with several processes
+    end_run(accelerator)  # every rank together; skips the teardown that can abort with several processes
 
 
 if __name__ == "__main__":

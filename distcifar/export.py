@@ -15,17 +15,9 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from distcifar.cli import RunFailed, UsageError
 from distcifar.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
-from distcifar.runtime import agree, print_once
-
-
-class PushUnavailable(UsageError):
-    """--push_to_hub cannot work in this environment (offline, no token); said before training starts."""
-
-
-class PushFailed(RunFailed):
-    """The upload failed; the run and its local export are complete."""
+from distcifar.errors import PushFailed, PushUnavailable, one_line
+from distcifar.ranks import fail_together, print_once
 
 
 def write_final(model, folder: Path, cfg, summary: dict) -> Path:
@@ -58,7 +50,7 @@ def push(accelerator, folder: Path, cfg) -> str | None:
     --hub.private true) from the main process. Call on every rank: a failure raises PushFailed on all."""
     if cfg.push_to_hub is None:
         return None
-    url, failure = None, ""
+    url, failure = None, None
     if accelerator.is_main_process:
         from huggingface_hub import HfApi
 
@@ -74,15 +66,14 @@ def push(accelerator, folder: Path, cfg) -> str | None:
             url = f"{api.endpoint}/{cfg.push_to_hub}"
             print_once(f"pushed {folder} to {url} ({commit.oid[:10]})")
         except Exception as err:  # whatever the hub client raises: the run's results are already on disk
-            detail = " ".join(str(err).split())[:300]
+            detail = one_line(err, 300)
             private = " --private" if cfg.hub.private else ""
             failure = (
                 f"could not push {folder} to the hub repository {cfg.push_to_hub} ({type(err).__name__}: {detail}); "
                 "the run and its export are complete: upload later with "
                 f"`hf upload {cfg.push_to_hub} {folder}{private}`"
             )
-    if agree(accelerator, bool(failure))[0]:
-        raise PushFailed(failure)  # empty on the other ranks: the main process says it once
+    fail_together(accelerator, PushFailed, failure)
     return url
 
 

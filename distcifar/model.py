@@ -106,3 +106,14 @@ class DistCifarNet(
     def expert_weights(self) -> list[torch.Tensor]:
         """Each block's expert weights [batch, num_convs] from the last forward pass."""
         return [block.last_expert_weights for block in self.blocks]
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The layout of the model's weights and inputs: channels_last (train.channels_last) or plain NCHW."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module inside a torch.compile wrapper, or `module` itself: evaluation and logging run it as it is,
+    because the compiled one would recompile for eval mode. A DDP wrapper inside stays."""
+    return getattr(module, "_orig_mod", module)

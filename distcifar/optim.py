@@ -18,7 +18,7 @@ from distcifar.config import OptimConfig
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         # 1-D parameters are biases and BatchNorm scales: weight decay on them only hurts.
         (decay if param.ndim > 1 or cfg.decay_norm_and_bias else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

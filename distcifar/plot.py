@@ -11,13 +11,14 @@ plotting state or needs a display.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from distcifar.cli import UsageError, entry_point, make_parser
+from distcifar.cli import make_parser
+from distcifar.errors import UsageError, entry_point
+from distcifar.files import replaced_atomically, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 CONFUSION_FILE = "confusion.json"
@@ -58,17 +59,13 @@ def write_confusion(
 ) -> None:
     """Save the latest confusion matrix ([true][predicted] counts) for draw_confusion."""
     record = {"step": step, "epoch": epoch, "split": split, "classes": list(classes), "confusion": confusion}
-    path = Path(output_dir) / CONFUSION_FILE
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(record))
-    os.replace(temporary, path)
+    write_atomically(Path(output_dir) / CONFUSION_FILE, json.dumps(record))
 
 
 def _save(fig, path: Path) -> None:
     # Write then rename, so an image viewer or `plot` run never reads a half-written file.
-    temporary = path.with_name(path.name + ".tmp")
-    fig.savefig(temporary, format="png", dpi=100)
-    os.replace(temporary, path)
+    with replaced_atomically(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=100)
 
 
 def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:

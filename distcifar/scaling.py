@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distcifar.engine import wait_for_device
+from distcifar.hardware import wait_for_device
 
 # Effective all-reduce bandwidth (GB/s, 1e9 bytes) of the slowest link in the ring and its per-message
 # latency. Line rates for the networks (NCCL reaches roughly 80-95% of them); NVLink: H100 SXM

@@ -27,6 +27,8 @@ import torch
 from distcifar import plot
 from distcifar.config import Config, TrackingConfig, flatten
 from distcifar.data import CLASSES, normalize
+from distcifar.files import write_atomically
+from distcifar.model import uncompiled
 
 WANDB_HINT = "run `wandb login`, or set WANDB_API_KEY, or set WANDB_MODE=offline (and `wandb sync` later)"
 STEP_KEY = "step"  # the global optimizer step, in every logged row: the x axis of every W&B chart
@@ -75,9 +77,7 @@ def _read_run_id(path: Path) -> str | None:
 
 
 def _write_run_id(path: Path, run_id: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(run_id + "\n")
-    os.replace(temporary, path)  # a kill mid-write leaves the old file whole
+    write_atomically(path, run_id + "\n")  # a kill mid-write leaves the old file whole
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -99,7 +99,7 @@ class Tracker:
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")
+        self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")  # noqa: SIM115 - open for the run's life
         if self.report_to != "none":
             self._start(hardware)
 
@@ -263,7 +263,7 @@ class Tracker:
 @torch.no_grad()
 def _predict(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Predicted classes of `images` (uint8, CPU) and each block's expert weights, both on the CPU."""
-    module = getattr(model, "_orig_mod", model)  # skip a torch.compile wrapper: it would recompile for eval
+    module = uncompiled(model)
     was_training = module.training
     device = next(module.parameters()).device
     module.eval()

@@ -10,6 +10,7 @@ a checkpoint at the next optimizer step and exits with 128 + the signal number.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,12 +23,20 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from distcifar import export, tracking
+from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint import Checkpointer
-from distcifar.cli import entry_point
-from distcifar.config import parse_config
+from distcifar.config import Config, parse_config
 from distcifar.data import load_splits
-from distcifar.engine import build, evaluate, optimizer_steps
-from distcifar.runtime import OutputLock, StopRequest, build_accelerator, hardware, leave, print_once
+from distcifar.engine import Training, build_training, evaluate, optimizer_steps
+from distcifar.errors import entry_point
+from distcifar.hardware import hardware
+from distcifar.lock import OutputLock
+from distcifar.model import memory_format
+from distcifar.ranks import end_run, print_once
+from distcifar.signals import StopRequest
+from distcifar.state import RunState
+
+GPU_COMMAND = "accelerate launch --config_file launch/gpu.yaml distcifar/train.py --config configs/default.yaml"
 
 
 @entry_point
@@ -40,74 +49,35 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():
         train_split, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
-    parts = build(cfg, accelerator, eval_split, train_split)
+    training = build_training(cfg, accelerator, train_split, eval_split)
     torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index)  # each rank its own dropout stream
 
     out = Path(cfg.output_dir)
-    checkpoints = Checkpointer(accelerator, out / "checkpoints", cfg.checkpoint, cfg.to_dict())
-    state = checkpoints.resume(cfg.resume, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler)
+    checkpoints = Checkpointer.for_run(accelerator, cfg, training)
+    state = checkpoints.resume(cfg.resume)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tracker = tracking.Tracker(accelerator, cfg, out, state.tracker_run_id, hardware(accelerator))
     state.tracker_run_id = tracker.run_id
-    steps_per_epoch, world = parts.batches.steps_per_epoch, accelerator.num_processes
-    threads = f", {torch.get_num_threads()} threads" if accelerator.device.type == "cpu" else ""
     print_once(
-        f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {world} process(es) on "
-        f"{accelerator.device} ({accelerator.distributed_type}{threads}), {accelerator.mixed_precision} | global batch "
-        f"{cfg.train.batch_size} = {parts.batches.micro_batch} per device x {world} processes x "
-        f"{cfg.train.grad_accum_steps} accumulation steps | {steps_per_epoch} steps/epoch, {parts.total_steps} total"
+        f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {run_line(cfg, accelerator, training)}"
     )
 
     # Train: evaluate at epoch ends and at the end; the checkpointer decides when to save ----------
-    # A live bar in a terminal; in a log file (SLURM, CI) plain log lines instead of carriage returns.
-    interactive = sys.stderr.isatty()
-    progress = tqdm(
-        total=parts.total_steps,
-        initial=state.step,
-        desc="train",
-        dynamic_ncols=True,
-        disable=not (accelerator.is_main_process and interactive),
-    )
-    steps_before, seconds_before = state.step, state.train_seconds
-    sample = eval_split.head(32)
+    start = dataclasses.replace(state)  # where this attempt starts: its own images/s
+    evaluation = Evaluation(accelerator, cfg, training, tracker, eval_split.head(32), eval_name)
     result, exit_signal = None, 0
-    for report in optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints):
-        progress.update()
-        if report.metrics:
-            progress.set_postfix(loss=f"{report.metrics['train/loss']:.3f}", lr=f"{report.metrics['train/lr']:.2e}")
-            if not interactive:
-                print_once(
-                    f"step {state.step}/{parts.total_steps} epoch {report.metrics['train/epoch']:.2f} loss "
-                    f"{report.metrics['train/loss']:.4f} lr {report.metrics['train/lr']:.3e} "
-                    f"{report.metrics['train/images_per_second']:.0f} images/s"
-                )
-        epoch_end, last = state.step % steps_per_epoch == 0, state.step == parts.total_steps
+    progress = Progress(accelerator, training.total_steps, state.step)
+    for report in optimizer_steps(
+        accelerator, training, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints
+    ):
+        progress.show(report, state.step)
         eval_accuracy = None
-        if last or (epoch_end and (state.step // steps_per_epoch) % cfg.train.eval_every_epochs == 0):
-            result = evaluate(accelerator, parts, cfg.model.num_classes, cfg.train.eval_hflip)
-            result.update(epoch=state.step / steps_per_epoch, eval_split=eval_name, train_seconds=state.train_seconds)
+        if evaluation.due(state.step):
+            result = evaluation.run(state)
             eval_accuracy = result["eval_accuracy"]
-            state.best_accuracy = max(state.best_accuracy or 0.0, eval_accuracy)
-            tracker.log_eval(
-                result,
-                step=state.step,
-                model=accelerator.unwrap_model(parts.model, keep_torch_compile=False),
-                sample_images=sample.images,
-                sample_labels=sample.labels,
-            )
-            print_once(
-                f"epoch {result['epoch']:g}: {eval_name} accuracy {eval_accuracy:.4f}, loss {result['eval_loss']:.4f}"
-            )
-        if checkpoints.due(state, report, epoch_end=epoch_end, last=last):
-            checkpoints.save(
-                state,
-                model=parts.model,
-                optimizer=parts.optimizer,
-                scheduler=parts.scheduler,
-                eval_accuracy=eval_accuracy,
-            )
+        checkpoints.save_if_due(report, eval_accuracy)
         if report.stop_signal:
             exit_signal = report.stop_signal
             break
@@ -118,44 +88,134 @@ def main(argv: list[str] | None = None) -> None:
             f"stopped by signal {exit_signal} at step {state.step}; checkpoint saved, resume with the same command"
         )
         tracker.finish(exit_code=128 + exit_signal)
-        leave(accelerator, 128 + exit_signal)
+        end_run(accelerator, 128 + exit_signal)
 
     if result is None:  # resumed from a finished run: nothing trained, evaluate once
-        result = evaluate(accelerator, parts, cfg.model.num_classes, cfg.train.eval_hflip)
-        result["eval_split"] = eval_name
-    trained_seconds = state.train_seconds - seconds_before
-    summary = {
-        "test_accuracy": result["eval_accuracy"],
-        "test_loss": result["eval_loss"],
-        "eval_samples": result["eval_samples"],
-        "eval_split": eval_name,
-        "per_class_accuracy": result["per_class_accuracy"],
-        "global_step": state.step,
-        "epochs": state.step / steps_per_epoch,
-        "images_per_second": (state.step - steps_before) * cfg.train.batch_size / trained_seconds
-        if trained_seconds
-        else None,
-        "train_seconds": state.train_seconds,
-        "wall_seconds": state.wall_seconds,
-        "num_processes": world,
-        "mixed_precision": accelerator.mixed_precision,
-        "global_batch_size": cfg.train.batch_size,
-        "tracker_run_id": tracker.run_id,
-    }
+        result = evaluation.run(state, log=False)
+    summary = summarize(cfg, accelerator, training.batches.steps_per_epoch, start, state, result)
+    finish(cfg, accelerator, training, tracker, summary)
+
+
+def finish(cfg: Config, accelerator, training: Training, tracker, summary: dict) -> None:
+    """Export the model with its card, write summary.json, say where everything is; then the upload, if asked."""
+    out = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        export.write_final(accelerator.unwrap_model(parts.model, keep_torch_compile=False), out / "final", cfg, summary)
+        model = accelerator.unwrap_model(training.model, keep_torch_compile=False)
+        export.write_final(model, out / "final", cfg, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "per_class_accuracy"}))
     tracker.finish(summary)
     print_once(
-        f"\n{eval_name} accuracy {summary['test_accuracy']:.2%} on {summary['eval_samples']} images after "
-        f"{summary['epochs']:g} epochs ({summary['train_seconds']:.0f} s of training, {summary['wall_seconds']:.0f} s with evaluations)\n"
-        f"plots: {out / 'curves.png'}, {out / 'confusion.png'} | model: {out / 'final'} | summary: {out / 'summary.json'}\n"
-        "the full seed network on a GPU: accelerate launch --config_file launch/gpu.yaml distcifar/train.py "
-        "--config configs/default.yaml"
+        f"\n{summary['eval_split']} accuracy {summary['test_accuracy']:.2%} on {summary['eval_samples']} images after "
+        f"{summary['epochs']:g} epochs ({summary['train_seconds']:.0f} s of training, "
+        f"{summary['wall_seconds']:.0f} s with evaluations)\n"
+        f"plots: {out / 'curves.png'}, {out / 'confusion.png'} | model: {out / 'final'} | "
+        f"summary: {out / 'summary.json'}\nthe full seed network on a GPU: {GPU_COMMAND}"
     )
     export.push(accelerator, out / "final", cfg)  # after everything is on disk: a failed upload loses nothing
-    leave(accelerator)
+    end_run(accelerator)
+
+
+def run_line(cfg: Config, accelerator, training: Training) -> str:
+    """Where and how the run trains: processes, device, precision, how the global batch splits, its length."""
+    world, steps_per_epoch = accelerator.num_processes, training.batches.steps_per_epoch
+    threads = f", {torch.get_num_threads()} threads" if accelerator.device.type == "cpu" else ""
+    return (
+        f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type}{threads}), "
+        f"{accelerator.mixed_precision} | global batch {cfg.train.batch_size} = {training.batches.micro_batch} per "
+        f"device x {world} processes x {cfg.train.grad_accum_steps} accumulation steps | "
+        f"{steps_per_epoch} steps/epoch, {training.total_steps} total"
+    )
+
+
+class Progress:
+    """A live bar in a terminal; in a log file (SLURM, CI) plain log lines instead of carriage returns."""
+
+    def __init__(self, accelerator, total_steps: int, step: int):
+        self.interactive = sys.stderr.isatty()
+        self.total_steps = total_steps
+        self.bar = tqdm(
+            total=total_steps,
+            initial=step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (accelerator.is_main_process and self.interactive),
+        )
+
+    def show(self, report, step: int) -> None:
+        self.bar.update()
+        metrics = report.metrics
+        if not metrics:
+            return
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}")
+        if not self.interactive:
+            print_once(
+                f"step {step}/{self.total_steps} epoch {metrics['train/epoch']:.2f} loss {metrics['train/loss']:.4f} "
+                f"lr {metrics['train/lr']:.3e} {metrics['train/images_per_second']:.0f} images/s"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Evaluation:
+    """The run's evaluations: when one is due, and each one run, logged and printed."""
+
+    def __init__(self, accelerator, cfg: Config, training: Training, tracker, sample, eval_name: str):
+        self.accelerator, self.cfg, self.training, self.tracker = accelerator, cfg, training, tracker
+        self.sample, self.eval_name = sample, eval_name  # a few images the tracker shows with predictions
+
+    def due(self, step: int) -> bool:
+        """After every train.eval_every_epochs epochs, and after the last step."""
+        epochs, position = divmod(step, self.training.batches.steps_per_epoch)
+        return step == self.training.total_steps or (position == 0 and epochs % self.cfg.train.eval_every_epochs == 0)
+
+    def run(self, state: RunState, log: bool = True) -> dict:
+        accelerator, training = self.accelerator, self.training
+        result = evaluate(
+            accelerator,
+            training.model,
+            training.eval_loader,
+            num_classes=self.cfg.model.num_classes,
+            hflip=self.cfg.train.eval_hflip,
+            layout=memory_format(self.cfg.train.channels_last),
+        )
+        result["eval_split"] = self.eval_name
+        if not log:
+            return result
+        result.update(epoch=state.step / training.batches.steps_per_epoch, train_seconds=state.train_seconds)
+        state.best_accuracy = max(state.best_accuracy or 0.0, result["eval_accuracy"])
+        model = accelerator.unwrap_model(training.model, keep_torch_compile=False)
+        self.tracker.log_eval(
+            result, step=state.step, model=model, sample_images=self.sample.images, sample_labels=self.sample.labels
+        )
+        print_once(
+            f"epoch {result['epoch']:g}: {self.eval_name} accuracy {result['eval_accuracy']:.4f}, "
+            f"loss {result['eval_loss']:.4f}"
+        )
+        return result
+
+
+def summarize(cfg: Config, accelerator, steps_per_epoch: int, start: RunState, state: RunState, result: dict) -> dict:
+    """summary.json: the final evaluation and what the run took (images/s: this attempt's, from `start`)."""
+    trained_seconds = state.train_seconds - start.train_seconds
+    trained_images = (state.step - start.step) * cfg.train.batch_size
+    return {
+        "test_accuracy": result["eval_accuracy"],
+        "test_loss": result["eval_loss"],
+        "eval_samples": result["eval_samples"],
+        "eval_split": result["eval_split"],
+        "per_class_accuracy": result["per_class_accuracy"],
+        "global_step": state.step,
+        "epochs": state.step / steps_per_epoch,
+        "images_per_second": trained_images / trained_seconds if trained_seconds else None,
+        "train_seconds": state.train_seconds,
+        "wall_seconds": state.wall_seconds,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "global_batch_size": cfg.train.batch_size,
+        "tracker_run_id": state.tracker_run_id,
+    }
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ CryptoType=crypto/munge
 AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-# tasks are bound to the job's CPUs, as on a real cluster (tests/test_slurm.py checks --cpus-per-task);
+# tasks are bound to the job's CPUs, as on a real cluster (tests/launch/test_slurm.py checks --cpus-per-task);
 # the emulated nodes share this machine's cores, so every job gets whole nodes (OverSubscribe=EXCLUSIVE
 # below): two 1-CPU jobs on n1 and n2 would both be bound to core 0
 TaskPlugin=task/affinity

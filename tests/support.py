@@ -236,8 +236,8 @@ def kill_tree(pid: int, signum: int = 9) -> None:
 def probe_accelerator(output_dir: str, timeout_s: int = 120):
     """For the probes: the Accelerator train.py would build (runtime.build_accelerator, its own WORLD_SIZE check
     included), fp32, no tracker, with `timeout_s` as the collective timeout."""
+    from distcifar.accelerator import build_accelerator
     from distcifar.config import Config
-    from distcifar.runtime import build_accelerator
 
     cfg = Config()
     cfg.output_dir = output_dir

@@ -17,7 +17,8 @@ from support import REPO, free_port, run
 _LOAD_FROM_HUB = """
 import json, sys, time
 from distcifar.config import DataConfig
-from distcifar.data import DataError, load_splits
+from distcifar.data import load_splits
+from distcifar.errors import DataError
 started = time.monotonic()
 try:
     train, test, name = load_splits(DataConfig(name="uoft-cs/cifar10", cache_dir=sys.argv[1]))

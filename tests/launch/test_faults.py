@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file, save_file
 
-from distcifar.checkpoint import read_verified
+from distcifar.checkpoint_format import read_verified
 from support import kill_tree, launch_command, read_metrics, run, start, train_args
 
 QUICK_FAIL = ("--train.collective_timeout_s", "120")  # a hang would show as a run far longer than this test allows

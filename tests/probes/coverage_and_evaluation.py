@@ -107,7 +107,7 @@ def evaluation(accelerator, run: Path, batch_sizes: list[int]) -> dict:
 
     from distcifar.config import config_from_dict
     from distcifar.data import load_splits, normalize
-    from distcifar.engine import Parts, evaluate
+    from distcifar.engine import evaluate
     from distcifar.model import DistCifarNet
 
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
@@ -126,7 +126,7 @@ def evaluation(accelerator, run: Path, batch_sizes: list[int]) -> dict:
     for batch_size in batch_sizes:
         dataset = torch.utils.data.TensorDataset(eval_split.images, eval_split.labels)
         loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
-        result = evaluate(accelerator, Parts(prepared, loader, torch.channels_last), k)
+        result = evaluate(accelerator, prepared, loader, num_classes=k, layout=torch.channels_last)
         results[str(batch_size)] = {
             key: result[key] for key in ("eval_accuracy", "eval_loss", "eval_samples", "confusion")
         }

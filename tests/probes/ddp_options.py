@@ -18,18 +18,19 @@ import support  # noqa: E402, F401  (for the repository on sys.path)
 
 
 def main(argv: list[str]) -> None:
-    """For each named set of ddp.* options: runtime.build_accelerator (its refusals included), then
-    engine.build and engine.train_step for --steps optimizer steps on the real TrainBatches, from the
+    """For each named set of ddp.* options: accelerator.build_accelerator (its refusals included), then
+    engine.build_training and engine.train_step for --steps optimizer steps on the real TrainBatches, from the
     same seed. Per step: the mean loss over ranks and the spread of every rank's weight checksum; at
     the end whether every rank holds bit-identical weights and buffers. A refused option records its
     message instead. The main process writes {name: result} to --out."""
     import torch
     from accelerate.utils import set_seed
 
-    from distcifar.config import ConfigError, parse_config
+    from distcifar.accelerator import build_accelerator
+    from distcifar.config import parse_config
     from distcifar.data import load_splits
-    from distcifar.engine import build, train_step
-    from distcifar.runtime import build_accelerator
+    from distcifar.engine import build_training, train_step
+    from distcifar.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="ddp_options.py")
     parser.add_argument("--out", required=True)
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> None:
         set_seed(cfg.train.seed)
         with accelerator.main_process_first():
             train_split, eval_split, _ = load_splits(cfg.data, cfg.model.num_classes)
-        parts = build(cfg, accelerator, eval_split, train_split)
+        parts = build_training(cfg, accelerator, train_split, eval_split)
         torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index)  # as train.py: each rank its dropout
         losses, spreads = [], []
         for step in range(args.steps):

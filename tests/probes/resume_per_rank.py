@@ -29,7 +29,6 @@ def resume(args: argparse.Namespace) -> None:
 
     from distcifar.checkpoint import Checkpointer
     from distcifar.config import Config
-    from distcifar.engine import RunState
     from distcifar.model import DistCifarNet
     from distcifar.optim import build_optimizer, build_scheduler
 
@@ -43,7 +42,17 @@ def resume(args: argparse.Namespace) -> None:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def checkpoints(rank: int) -> Checkpointer:
-        return Checkpointer(accelerator, root / f"rank{rank}", cfg.checkpoint, cfg.to_dict())
+        return Checkpointer(
+            accelerator,
+            root / f"rank{rank}",
+            cfg.checkpoint,
+            cfg.to_dict(),
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            steps_per_epoch=4,
+            total_steps=16,
+        )
 
     held = {
         rank: args.rank1_steps if rank == 1 and args.rank1_steps else args.steps
@@ -56,13 +65,15 @@ def resume(args: argparse.Namespace) -> None:
         scheduler.step()
         for rank, steps in held.items():  # collective: the main process writes into every rank's folder
             if step in steps:
-                checkpoints(rank).save(RunState(step=step), model=model, optimizer=optimizer, scheduler=scheduler)
+                saver = checkpoints(rank)
+                saver.state.step = step
+                saver.save()
 
     rank = accelerator.process_index
     os.chdir(root / f"rank{rank}")
     if accelerator.is_main_process:
         print(f"resume_per_rank: resuming (unix time {time.time():.3f})", flush=True)
-    state = checkpoints(rank).resume(args.resume, model=model, optimizer=optimizer, scheduler=scheduler)
+    state = checkpoints(rank).resume(args.resume)
     checksum = sum(p.detach().double().sum() for p in model.parameters())
     steps = accelerator.gather(torch.tensor([state.step], device=accelerator.device))
     checksums = accelerator.gather(checksum[None])
@@ -80,7 +91,7 @@ def main() -> None:
     p.add_argument("--resume", default="auto", help="auto, or a folder (relative: in each rank's own folder)")
     p.add_argument("--collective_timeout_s", type=int, default=30)
     args = p.parse_args()
-    from distcifar.cli import entry_point
+    from distcifar.errors import entry_point
 
     entry_point(resume)(args)  # a refusal as train.py gives it: one error line, exit code 2
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from distcifar.checkpoint import Checkpointer, CheckpointError
+from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, ModelConfig
-from distcifar.engine import RunState
+from distcifar.errors import CheckpointError
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
+from distcifar.state import RunState
 from support import TINY_MODEL_CONFIG as TINY
 
 FILES = {"manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
@@ -39,15 +40,26 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def _checkpointer(accelerator, root, config: Config, keep=5):
-    return Checkpointer(accelerator, root, CheckpointConfig(keep=keep), config.to_dict())
+def _checkpointer(accelerator, root, config: Config, keep=5, model=None, optimizer=None, scheduler=None):
+    cfg = CheckpointConfig(keep=keep)
+    return Checkpointer(
+        accelerator,
+        root,
+        cfg,
+        config.to_dict(),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        steps_per_epoch=4,
+        total_steps=8,
+    )
 
 
 def _save(accelerator, root, step, keep=5, **state):
     cfg, model, optimizer, scheduler = _trained_state(step)
-    _checkpointer(accelerator, root, cfg, keep).save(
-        RunState(step=step, **state), model=model, optimizer=optimizer, scheduler=scheduler
-    )
+    checkpoints = _checkpointer(accelerator, root, cfg, keep, model, optimizer, scheduler)
+    checkpoints.state = RunState(step=step, **state)
+    checkpoints.save()
     return cfg, model, optimizer, scheduler
 
 
@@ -71,9 +83,9 @@ def test_layout_format_and_load_without_any_unpickling(accelerator, tmp_path, mo
     monkeypatch.setattr(torch, "load", forbidden)
 
     _, fresh_model, fresh_opt, fresh_sched = _trained_state(seed=99)
-    ckpt = _checkpointer(accelerator, tmp_path, cfg)
+    ckpt = _checkpointer(accelerator, tmp_path, cfg, model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched)
     assert ckpt.latest() == folder
-    state = ckpt.load(folder, model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched)
+    state = ckpt.load(folder)
     assert not marker.exists()
     assert state == RunState(step=7, tracker_run_id="abc123")
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
@@ -126,15 +138,13 @@ def test_config_mismatch_names_the_fields(accelerator, tmp_path):
     other.data.train_limit = 100
     _, model, optimizer, scheduler = _trained_state()
     with pytest.raises(CheckpointError, match=r"data\.train_limit .*model\.block_channels|model\.block_channels"):
-        _checkpointer(accelerator, tmp_path, other).load(
-            tmp_path / "step_00000003", model=model, optimizer=optimizer, scheduler=scheduler
-        )
+        _checkpointer(accelerator, tmp_path, other, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")
     changed_data = Config(model=TINY)
     changed_data.data.train_limit = 100
-    ckpt = _checkpointer(accelerator, tmp_path, changed_data)
+    ckpt = _checkpointer(accelerator, tmp_path, changed_data, 5, model, optimizer, scheduler)
     with pytest.raises(CheckpointError, match=r"data\.train_limit \(checkpoint 0, now 100\)"):
-        ckpt.load(tmp_path / "step_00000003", model=model, optimizer=optimizer, scheduler=scheduler)
-    state = ckpt.load(tmp_path / "step_00000003", model=model)  # weights only
+        ckpt.load(tmp_path / "step_00000003")
+    state = ckpt.load(tmp_path / "step_00000003", weights_only=True)
     assert state.step == 3
 
 
@@ -146,7 +156,7 @@ def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerat
         torch.manual_seed(seed)
         cfg = Config(model=TINY)
         cfg.optim.name = name
-        model = DistCifarNet(TINY).to(memory_format=torch.channels_last)  # as engine.build makes it
+        model = DistCifarNet(TINY).to(memory_format=torch.channels_last)  # as engine.build_training makes it
         optimizer = accelerator.prepare(build_optimizer(model, cfg.optim))
         scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch=4, total_steps=8)
         for _ in range(2):
@@ -156,10 +166,11 @@ def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerat
         return cfg, model, optimizer, scheduler
 
     cfg, model, optimizer, scheduler = channels_last_state(seed=0)
-    ckpt = _checkpointer(accelerator, tmp_path, cfg)
-    folder = ckpt.save(RunState(step=2), model=model, optimizer=optimizer, scheduler=scheduler)
+    ckpt = _checkpointer(accelerator, tmp_path, cfg, 5, model, optimizer, scheduler)
+    ckpt.state.step = 2
+    folder = ckpt.save()
     _, fresh_model, fresh_opt, fresh_sched = channels_last_state(seed=1)
-    ckpt.load(folder, model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched)
+    _checkpointer(accelerator, tmp_path, cfg, 5, fresh_model, fresh_opt, fresh_sched).load(folder)
     assert any(param.ndim == 4 for param in fresh_model.parameters())
     for saved_param, param in zip(model.parameters(), fresh_model.parameters(), strict=True):
         saved, loaded = optimizer.state[saved_param], fresh_opt.state[param]

@@ -4,7 +4,8 @@ tests/launch/test_config_cli.py."""
 
 import pytest
 
-from distcifar.config import Config, ConfigError, config_from_dict, parse_config
+from distcifar.config import Config, config_from_dict, parse_config
+from distcifar.errors import ConfigError
 from support import REPO
 
 

@@ -10,7 +10,8 @@ import torch
 
 import distcifar.data as data
 from distcifar.config import DataConfig
-from distcifar.data import DataError, TrainBatches, augment, augment_params, load_splits, normalize
+from distcifar.data import TrainBatches, augment, augment_params, load_splits, normalize
+from distcifar.errors import DataError
 from support import CLASS_NAMES, make_images, write_parquet_dataset
 
 # The CIFAR-10 statistics, typed in again so the expectations do not read them from the code under test.

@@ -3,8 +3,8 @@ options given to a one-process run say, in one line, that they do nothing (one p
 
 
 def test_ddp_options_on_one_process_say_they_do_nothing(tmp_path, capsys, fresh_accelerate_state):
+    from distcifar.accelerator import build_accelerator
     from distcifar.config import Config
-    from distcifar.runtime import build_accelerator
 
     cfg = Config(output_dir=str(tmp_path))
     cfg.ddp.comm_hook, cfg.train.mixed_precision = "powersgd", "no"

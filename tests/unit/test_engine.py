@@ -14,11 +14,13 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distcifar import tracking
+from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, OptimConfig
 from distcifar.data import Split, normalize
-from distcifar.engine import Parts, RunState, StepReport, build, evaluate, optimizer_steps, train_step
-from distcifar.runtime import build_accelerator, resolve_precision
+from distcifar.engine import build_training, evaluate, optimizer_steps, train_step
+from distcifar.hardware import resolve_precision
+from distcifar.state import RunState, StepReport
 from support import TINY_MODEL_CONFIG
 
 
@@ -95,28 +97,36 @@ def test_mixed_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, gpu,
     assert resolve_precision("bf16", on_gpu=True) == "bf16"  # asked for by name: as asked
 
 
+def _schedule_only(accelerator, cfg: CheckpointConfig) -> Checkpointer:
+    """A checkpointer asked only when a save is due (8 steps per epoch, 16 in all); it never saves here."""
+    return Checkpointer(
+        accelerator, "unused", cfg, {}, model=None, optimizer=None, scheduler=None, steps_per_epoch=8, total_steps=16
+    )
+
+
 @pytest.mark.parametrize("every_steps, expected", [(0, [8, 16]), (5, [5, 8, 10, 15, 16]), (4, [4, 8, 12, 16])])
 def test_checkpointer_saves_at_epoch_ends_the_end_and_every_n_steps(accelerator, every_steps, expected):
-    checkpoints = Checkpointer(accelerator, "unused", CheckpointConfig(every_steps=every_steps), {})
-    due = [
-        step
-        for step in range(1, 17)
-        if checkpoints.due(RunState(step=step), StepReport(), epoch_end=step % 8 == 0, last=step == 16)
-    ]
+    checkpoints = _schedule_only(accelerator, CheckpointConfig(every_steps=every_steps))
+    due = []
+    for step in range(1, 17):  # 8 steps per epoch, 16 in all
+        checkpoints.state = RunState(step=step)
+        if checkpoints.due(StepReport()):
+            due.append(step)
     assert due == expected
 
 
 def test_checkpointer_saves_on_a_signal_or_the_timer_but_not_twice_at_one_step(accelerator, monkeypatch):
-    checkpoints = Checkpointer(accelerator, "unused", CheckpointConfig(every_minutes=1.0), {})
-    state = RunState(step=3)
-    assert not checkpoints.due(state, StepReport(), epoch_end=False, last=False)
-    assert checkpoints.due(state, StepReport(stop_signal=15), epoch_end=False, last=False)
-    assert checkpoints.due(state, StepReport(timer_due=True), epoch_end=False, last=False)
+    checkpoints = _schedule_only(accelerator, CheckpointConfig(every_minutes=1.0))
+    checkpoints.state = RunState(step=3)  # neither an epoch end nor the last step
+    assert not checkpoints.due(StepReport())
+    assert checkpoints.due(StepReport(stop_signal=15))
+    assert checkpoints.due(StepReport(save_timer_due=True))
     assert not checkpoints.timer_expired()
     monkeypatch.setattr(checkpoints, "saved_at", checkpoints.saved_at - 61)
     assert checkpoints.timer_expired()
     checkpoints.saved_step = 3  # already saved at this step (e.g. the resume point)
-    assert not checkpoints.due(state, StepReport(stop_signal=15), epoch_end=True, last=True)
+    checkpoints.steps_per_epoch = checkpoints.total_steps = 3  # now also an epoch end and the last step
+    assert not checkpoints.due(StepReport(stop_signal=15))
 
 
 def test_evaluate_counts_true_rows_and_predicted_columns_and_the_mean_loss(accelerator):
@@ -128,7 +138,7 @@ def test_evaluate_counts_true_rows_and_predicted_columns_and_the_mean_loss(accel
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), labels), batch_size=2
     )
-    result = evaluate(accelerator, Parts(Fixed(), loader, torch.contiguous_format), num_classes=3)
+    result = evaluate(accelerator, Fixed(), loader, num_classes=3)
     assert result["confusion"] == [[0, 0, 1], [0, 0, 1], [0, 0, 3]]  # rows: true class, columns: predicted
     assert result["per_class_accuracy"] == [0.0, 0.0, 1.0]
     assert result["eval_accuracy"] == 3 / 5 and result["eval_samples"] == 5
@@ -152,7 +162,7 @@ def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
         batch_size=4,
     )
     compiled = torch.compile(module, backend=counting_backend)
-    result = evaluate(accelerator, Parts(compiled, loader, torch.contiguous_format), num_classes=3)
+    result = evaluate(accelerator, compiled, loader, num_classes=3)
     assert result["eval_samples"] == 6
     assert compiled_graphs == [], "evaluate ran the compiled wrapper"
     compiled(torch.randn(2, 3, 32, 32))  # the wrapper does compile when it is called: the counter works
@@ -171,7 +181,7 @@ def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0):
         torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator),
         torch.randint(0, 10, (64,), generator=generator),
     )
-    parts = build(cfg, accelerator, train.head(16), train)
+    parts = build_training(cfg, accelerator, train, train.head(16))
     return cfg, accelerator, parts, tracking.Tracker(accelerator, cfg, tmp_path, None, {})
 
 
@@ -204,7 +214,7 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tmp_path, fresh
         state,
         tracker=tracker,
         stop=None,
-        checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {}),
+        checkpoints=_schedule_only(accelerator, cfg.checkpoint),
     )
     next(steps)  # the first step builds the epoch's order and the optimizer state
     with HostReads() as reads:
@@ -227,7 +237,7 @@ def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path,
         state,
         tracker=tracker,
         stop=None,
-        checkpoints=Checkpointer(accelerator, tmp_path / "ckpt", cfg.checkpoint, {}),
+        checkpoints=_schedule_only(accelerator, cfg.checkpoint),
     ):
         time.sleep(pause)
     tracker.finish()
@@ -248,8 +258,8 @@ def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accel
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
     with torch.no_grad():
         by_hand = (model(normalize(images)) + model(normalize(torch.flip(images, dims=[3])))) / 2
-    result = evaluate(accelerator, Parts(model, loader, torch.contiguous_format), num_classes=4, hflip=True)
+    result = evaluate(accelerator, model, loader, num_classes=4, hflip=True)
     assert result["eval_loss"] == pytest.approx(F.cross_entropy(by_hand, labels).item(), rel=1e-5)
     assert result["eval_accuracy"] * 6 == (by_hand.argmax(1) == labels).sum().item()
-    plain = evaluate(accelerator, Parts(model, loader, torch.contiguous_format), num_classes=4)
+    plain = evaluate(accelerator, model, loader, num_classes=4)
     assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-5)

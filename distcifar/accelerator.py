@@ -1,0 +1,56 @@
+"""The one Accelerator of a run, built after refusing launches that would train unsynchronised copies."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
+
+from distcifar.config import Config
+from distcifar.ddp import check_ddp_options, ddp_kwargs
+from distcifar.errors import UsageError
+from distcifar.hardware import resolve_precision
+
+
+def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
+    """The one Accelerator of a run, after refusing launches that would train unsynchronised copies."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        raise UsageError(
+            f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} tasks of train.py without a launcher; refusing to "
+            "train unsynchronised copies. Use `sbatch slurm/train.sh` (one accelerate launch per node)."
+        )
+    # ACCELERATE_USE_CPU: launch/cpu.yaml (or --cpu) on a machine that has GPUs.
+    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    precision = resolve_precision(cfg.train.mixed_precision, on_gpu)
+    if precision == "fp16" and not on_gpu:
+        raise UsageError("train.mixed_precision fp16 needs a GPU (Accelerate ignores it on CPU); use bf16 or no")
+    # Every batch has the same shape, so cuDNN's one-time search for the fastest kernels pays off (the
+    # kernels it picks may differ between runs: bit-identical results are a CPU promise only).
+    torch.backends.cudnn.benchmark = on_gpu
+    accelerator = Accelerator(
+        # Without cpu=True a multi-process launch on a machine with no GPU trains N unsynchronised copies.
+        cpu=not on_gpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with=None if log_with == "none" else [log_with],
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
+        ),
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+            ddp_kwargs(cfg.ddp),
+        ],
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UsageError(
+            f"the launcher started {launched} processes but Accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); refusing to train unsynchronised copies. On CPU use "
+            "`accelerate launch --config_file launch/cpu_multi.yaml` or torchrun."
+        )
+    check_ddp_options(accelerator, cfg)
+    return accelerator

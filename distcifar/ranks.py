@@ -1,0 +1,66 @@
+"""What the processes of a run do together: print once, agree on a decision, fail together, end together."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator, PartialState
+
+
+def print_once(*args) -> None:
+    """Print on the main process only (accelerator.print prints once per node)."""
+    if PartialState().is_main_process:
+        print(*args, flush=True)
+
+
+def max_over_ranks(accelerator: Accelerator, *flags: float) -> list[float]:
+    """The max of each flag over all ranks, so every rank takes the same decision (a host sync when there are
+    several; one process has nothing to agree with, and its flags never go to the device and back)."""
+    if accelerator.num_processes == 1:
+        return [float(flag) for flag in flags]
+    values = torch.tensor(flags, dtype=torch.float64, device=accelerator.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
+def fail_together(
+    accelerator: Accelerator, error: type[Exception], message: str | None, *, same_on_every_rank: bool = False
+) -> None:
+    """Raise `error` on every rank when any rank has a `message` (None: nothing failed on this rank).
+
+    Only the main process's message is kept: entry_point prints it once, and the other ranks raise the same
+    error with an empty message, so they exit with the same code in silence. Collective (one all-reduce) unless
+    `same_on_every_rank` says every rank reached the same verdict by itself."""
+    failed = message is not None
+    if not same_on_every_rank:
+        failed = bool(max_over_ranks(accelerator, failed)[0])
+    if failed:
+        raise error((message or "") if accelerator.is_main_process else "")
+
+
+def rank_weight_spread(accelerator: Accelerator, model: torch.nn.Module) -> float:
+    """max - min over ranks of the sum of every weight: 0.0 while DDP keeps the ranks identical (one gather)."""
+    checksum = sum(p.detach().double().sum() for p in model.parameters())
+    sums = accelerator.gather(checksum[None])
+    return (sums.max() - sums.min()).item()
+
+
+def end_run(accelerator: Accelerator, exit_code: int = 0) -> None:
+    """End the run on every rank together, then exit with `exit_code` (return when it is 0 and alone).
+
+    With several processes the interpreter's own teardown is skipped once the atexit handlers have
+    run: a rank tearing down torch.distributed's C++ state at interpreter exit was seen to abort now
+    and then ("terminate called without an active exception", SIGABRT) after a run had finished."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        atexit._run_exitfuncs()  # the output lock, W&B
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    if exit_code:
+        sys.exit(exit_code)
