@@ -179,3 +179,54 @@ def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerat
             assert torch.equal(value, saved[key])
             if value.shape == param.shape:
                 assert value.stride() == param.stride(), f"{key} of a {tuple(param.shape)} parameter"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("train.seed", 1), ("train.batch_size", 64), ("data.augment", ["crop"]), ("model.dropout", 0.0)],
+)
+def test_resuming_with_another_seed_batch_data_or_model_is_refused_naming_the_field(
+    accelerator, tmp_path, field, value
+):
+    # A different seed or global batch continues on another data order; the checkpoint would then not be this run's.
+    cfg, *_ = _save(accelerator, tmp_path, 3)
+    other = _with(cfg, field, value)
+    _, model, optimizer, scheduler = _trained_state()
+    with pytest.raises(CheckpointError) as refused:
+        _checkpointer(accelerator, tmp_path, other, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")
+    old = _get(cfg, field)
+    assert f"{field} (checkpoint {old!r}, now {value!r})" in str(refused.value)
+    assert str(refused.value).count("(checkpoint ") == 1  # only the field that differs is named
+
+
+def test_fields_that_may_change_between_attempts_do_not_stop_a_resume(accelerator, tmp_path):
+    # More epochs, another learning rate, a moved dataset or cache, another tracker: the same run continues.
+    cfg, *_ = _save(accelerator, tmp_path, 3)
+    other = cfg
+    for field, value in (
+        ("train.epochs", 99),
+        ("optim.lr", 0.5),
+        ("data.path", "/elsewhere/cifar10"),
+        ("data.cache_dir", "/elsewhere/cache"),
+        ("checkpoint.keep", 9),
+        ("tracking.report_to", "none"),
+    ):
+        other = _with(other, field, value)
+    _, model, optimizer, scheduler = _trained_state()
+    state = _checkpointer(accelerator, tmp_path, other, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")
+    assert state.step == 3
+
+
+def _get(cfg: Config, field: str):
+    section, name = field.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _with(cfg: Config, field: str, value) -> Config:
+    """A copy of `cfg` with one `section.name` field set."""
+    from distcifar.config import config_from_dict
+
+    tree = cfg.to_dict()
+    section, name = field.split(".")
+    tree[section][name] = value
+    return config_from_dict(tree)

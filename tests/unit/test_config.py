@@ -3,8 +3,9 @@ every mistake as one clear error. --help and exit code 2 from each entry point, 
 tests/launch/test_config_cli.py."""
 
 import pytest
+import yaml
 
-from distcifar.config import Config, config_from_dict, parse_config
+from distcifar.config import Config, config_from_dict, flatten, parse_config
 from distcifar.errors import ConfigError
 from support import REPO
 
@@ -22,10 +23,38 @@ def test_defaults_yaml_then_overrides(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("recipe", ["seed", "default", "smoke"])
-def test_shipped_recipes_load(recipe):
-    cfg = load_config(["--config", str(REPO / "configs" / f"{recipe}.yaml")])
-    assert cfg.train.epochs > 0
+@pytest.mark.parametrize("recipe", ["cpu", "seed", "default", "smoke"])
+def test_every_value_a_shipped_recipe_writes_is_the_value_it_runs_with(recipe):
+    # the YAML read on its own (PyYAML; these files hold nothing that YAML 1.1 and 1.2 read differently)
+    written = flatten(yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text()))
+    cfg = flatten(load_config(["--config", str(REPO / "configs" / f"{recipe}.yaml")]).to_dict())
+    assert written and {key: cfg.get(key, "(no such field)") for key in written} == written
+
+
+def test_recipes_are_what_the_readme_says():
+    # README's recipe table and main command, typed in again
+    cpu = load_config(["--config", str(REPO / "configs" / "cpu.yaml")])
+    assert (cpu.model.block_convs, cpu.train.epochs) == ([1, 2, 2, 2, 3, 3], 8)  # the seed's conv layers per block
+    assert (cpu.data.train_limit, cpu.data.eval_limit) == (0, 0)  # all 50,000 training and 10,000 test images
+    assert cpu.model.block_channels != Config().model.block_channels  # width-scaled, not the full-size network
+    default = load_config(["--config", str(REPO / "configs" / "default.yaml")])
+    optim = default.optim
+    assert (optim.name, optim.nesterov, optim.lr, optim.schedule, optim.warmup_epochs) == (
+        "sgd",
+        True,
+        0.1,
+        "cosine",
+        2,
+    )
+    assert (optim.label_smoothing, optim.decay_norm_and_bias) == (0.1, False)
+    assert (default.data.augment, default.train.mixed_precision, default.train.channels_last) == (
+        ["crop", "hflip"],
+        "auto",
+        True,
+    )
+    assert (default.train.epochs, default.train.batch_size) == (40, 512)
+    smoke = load_config(["--config", str(REPO / "configs" / "smoke.yaml")])
+    assert (smoke.data.train_limit, smoke.data.eval_limit, smoke.train.epochs) == (512, 500, 2)
 
 
 def test_seed_recipe_is_the_coursework():

@@ -87,6 +87,16 @@ def test_save_to_disk_folder_limits_and_validation_split(synthetic_data, tmp_pat
     again, val_again, _ = load_splits(cfg)
     assert name == "validation" and (len(train), len(val)) == (200, 56)
     assert torch.equal(val.images, val_again.images) and torch.equal(train.labels, again.labels)
+    # held out means held out: no training image is evaluated, and together they are the whole training split
+    everything, _, _ = load_splits(DataConfig(path=str(synthetic_data), cache_dir=str(tmp_path / "c")))
+
+    def rows(split):
+        return [(image.numpy().tobytes(), int(label)) for image, label in zip(split.images, split.labels)]
+
+    assert len(set(rows(everything))) == 256  # every synthetic image is distinct: rows identify images
+    overlap = set(rows(train)) & set(rows(val))
+    assert not overlap, f"{len(overlap)} validation images are also training images"
+    assert sorted(rows(train) + rows(val)) == sorted(rows(everything))
 
 
 @pytest.mark.parametrize(
@@ -147,12 +157,6 @@ def test_flip_is_a_flip_and_centred_crop_is_identity():
     shifted = augment(x, params, cfg)
     torch.testing.assert_close(shifted[..., 4:], plain[..., :-4])
     torch.testing.assert_close(shifted[..., :4], data.normalize(torch.zeros_like(x))[..., :4])
-
-
-def test_seed_augmentations_run_batched():
-    cfg = DataConfig(augment=["crop", "hflip", "vflip", "rotate", "color_jitter"])
-    out = augment(_uint8_batch(32), augment_params(32, cfg, torch.Generator().manual_seed(1), "cpu"), cfg)
-    assert out.shape == (32, 3, 32, 32) and torch.isfinite(out).all()
 
 
 def test_normalize_matches_hand_computed_pixels():
@@ -362,3 +366,66 @@ def test_global_batch_is_identical_whatever_the_ranks_and_accumulation():
             parts = [ranks[r][step * accum + m] for m in range(accum) for r in range(world)]
             assert torch.equal(torch.cat([p[1] for p in parts]), single[step][1])
             assert torch.equal(torch.cat([p[0] for p in parts]), single[step][0])
+
+
+def test_the_seed_recipes_augmentations_compose_per_image_in_order():
+    """All five of configs/seed.yaml's augmentations at once, each image its own parameters: crop and flips,
+    then colour jitter, then rotation, built by hand for every image, and the batch the same as each image alone."""
+    cfg = DataConfig(augment=["crop", "hflip", "vflip", "rotate", "color_jitter"], crop_padding=4)
+    x = _uint8_batch(3, seed=5)
+    dx, dy, hflip, vflip = [0, 4, 8], [8, 4, 1], [True, False, True], [False, True, True]
+    angle, jitter = [math.pi / 2, 0.0, -math.pi / 2], [[1.2, 0.8, 1.3], [0.9, 1.1, 0.7], [1.0, 1.0, 0.0]]
+    params = _params(3, cfg, dx=dx, dy=dy, hflip=hflip, vflip=vflip, angle=angle)
+    params["jitter"] = torch.tensor(jitter)
+    out = augment(x, params, cfg)
+    padded = torch.zeros(3, 3, 40, 40, dtype=torch.uint8)
+    padded[:, :, 4:36, 4:36] = x
+    for k in range(3):
+        y = padded[k : k + 1, :, dy[k] : dy[k] + 32, dx[k] : dx[k] + 32].float() / 255  # the crop window
+        y = y.flip(3) if hflip[k] else y
+        y = y.flip(2) if vflip[k] else y
+        b, c, s = jitter[k]
+        y = y * b
+        mean = _luma(y).mean((2, 3), keepdim=True)
+        y = (y - mean) * c + mean
+        y = (_luma(y) + (y - _luma(y)) * s).clamp(0, 1)
+        y = torch.rot90(y, round(angle[k] / (math.pi / 2)), (2, 3))  # counter-clockwise for a positive angle
+        torch.testing.assert_close(out[k : k + 1], _standardise(y), atol=1e-4, rtol=0, msg=f"image {k}")
+        alone = augment(x[k : k + 1], {key: value[k : k + 1] for key, value in params.items()}, cfg)
+        torch.testing.assert_close(out[k : k + 1], alone)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_step():
+    """Every step of an epoch draws its own augmentation, and the same (seed, epoch, step) always draws the same:
+    with every training image the same, the batches differ only by their augmentation."""
+    image = _uint8_batch(1, seed=9).expand(60, -1, -1, -1).contiguous()
+    train = data.Split(image, torch.zeros(60, dtype=torch.int64))
+
+    def batches(seed):
+        return TrainBatches(
+            train,
+            DataConfig(),  # crop and horizontal flip
+            batch_size=12,
+            grad_accum_steps=1,
+            rank=0,
+            world_size=1,
+            seed=seed,
+            device="cpu",
+            channels_last=False,
+        )
+
+    def images(source, step):
+        ((batch, _),) = list(source.at_step(step))
+        return batch
+
+    first = batches(seed=3)
+    assert first.steps_per_epoch == 5
+    epoch0 = [images(first, step) for step in range(5)]
+    for i in range(5):
+        for j in range(i):
+            assert not torch.equal(epoch0[i], epoch0[j]), f"steps {j} and {i} of one epoch are augmented alike"
+    again = batches(seed=3)  # a fresh object (a resumed run): nothing but the step decides
+    for step in (3, 7, 1):
+        assert torch.equal(images(again, step), images(first, step))
+    assert not torch.equal(images(first, 5 + 2), epoch0[2])  # the same position in the next epoch
+    assert not torch.equal(images(batches(seed=4), 2), epoch0[2])  # another seed

@@ -64,6 +64,33 @@ def test_grad_clip_bounds_the_update_and_reports_the_norm_before_clipping(accele
     assert update == pytest.approx(clip, rel=1e-4)
 
 
+def test_under_accumulation_the_gradient_is_clipped_once_per_optimizer_step(fresh_accelerate_state):
+    # Clipping a micro-batch's partial sum would clip another vector: the clipped step must be the whole
+    # batch's mean gradient, scaled to the clip norm, and the reported norm that mean gradient's.
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, images, labels = _linear_problem()
+    reference = torch.nn.Linear(6, 4)
+    reference.load_state_dict(model.state_dict())
+    F.cross_entropy(reference(images), labels).backward()
+    whole = [r.grad for r in reference.parameters()]
+    whole_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in whole))
+    first_half = torch.nn.Linear(6, 4)
+    first_half.load_state_dict(model.state_dict())
+    (F.cross_entropy(first_half(images[:4]), labels[:4]) / 2).backward()
+    clip = whole_norm / 4
+    half_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in first_half.parameters()))
+    assert half_norm > 1.5 * clip, "the first micro-batch alone must be over the limit, or the test proves nothing"
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    micro = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    before = [p.detach().clone() for p in model.parameters()]
+    _, grad_norm = train_step(
+        accelerator, model, optimizer, micro, OptimConfig(label_smoothing=0.0, grad_clip=clip), want_grad_norm=False
+    )
+    assert float(grad_norm) == pytest.approx(whole_norm, rel=1e-5)
+    for b, p, g in zip(before, model.parameters(), whole):
+        torch.testing.assert_close(b - p.detach(), g * (clip / whole_norm), rtol=1e-4, atol=1e-7)
+
+
 def test_grad_accumulation_averages_micro_batches(fresh_accelerate_state):
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     model, images, labels = _linear_problem()
@@ -129,6 +156,50 @@ def test_checkpointer_saves_on_a_signal_or_the_timer_but_not_twice_at_one_step(a
     assert not checkpoints.due(StepReport(stop_signal=15))
 
 
+class _Clock:
+    """time.monotonic for the checkpointer: it moves only when the test moves it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "every_minutes, expected",
+    [
+        # The clock moves 10 s after each step, so the check of step k sees 10 (k - 1) s since the start and
+        # 10 (k - s) s since a save at step s; the epoch-end saves (8, 16) restart the timer like any other save.
+        (0.5, [4, 7, 8, 11, 14, 16]),  # 30 s: at step 4, 3 steps after each save
+        (1.0, [7, 8, 14, 16]),  # 60 s: at step 7, then 6 steps after the epoch end
+        (2.0, [8, 16]),  # 120 s: never within an 8-step epoch
+    ],
+)
+def test_the_checkpoint_timer_counts_minutes_since_the_last_save(
+    tmp_path, fresh_accelerate_state, monkeypatch, every_minutes, expected
+):
+    # train.py's loop on the real run (tiny network, 64 images, batch 8: 8 steps per epoch, 16 in all), with the
+    # checkpointer's clock moved 10 s after each step: a save lands exactly where the minutes say
+    import distcifar.checkpoint
+
+    clock = _Clock()
+    monkeypatch.setattr(distcifar.checkpoint, "time", clock)
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, batch_size=8, lr=0.01)
+    cfg.checkpoint.every_minutes, cfg.checkpoint.keep = every_minutes, 100
+    checkpoints = Checkpointer.for_run(accelerator, cfg, parts)
+    saved = []
+    for report in optimizer_steps(
+        accelerator, parts, cfg, checkpoints.state, tracker=tracker, stop=None, checkpoints=checkpoints
+    ):
+        if checkpoints.save_if_due(report):
+            saved.append(checkpoints.state.step)
+        clock.now += 10
+    tracker.finish()
+    assert saved == expected
+    assert sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*")) == expected
+
+
 def test_evaluate_counts_true_rows_and_predicted_columns_and_the_mean_loss(accelerator):
     class Fixed(torch.nn.Module):  # always the same logits: class 2 most likely, then class 0
         def forward(self, images):
@@ -169,11 +240,16 @@ def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
     assert len(compiled_graphs) == 1
 
 
-def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0):
+def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0, batch_size: int = 16, lr: float = 0.2):
     """A real build of the tiny network on 64 random images, batch 16 (4 steps per epoch), 2 epochs."""
     cfg = Config(output_dir=str(tmp_path), model=TINY_MODEL_CONFIG)
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = 2, 16, log_every, "no"
-    cfg.optim.grad_clip = grad_clip
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = (
+        2,
+        batch_size,
+        log_every,
+        "no",
+    )
+    cfg.optim.grad_clip, cfg.optim.lr = grad_clip, lr
     cfg.tracking.report_to, cfg.tracking.plots = "none", False
     accelerator = build_accelerator(cfg)
     generator = torch.Generator().manual_seed(0)

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 
 from distcifar import plot
 from distcifar.config import Config, ModelConfig, TrackingConfig
+from distcifar.data import normalize
 from distcifar.model import DistCifarNet
 from distcifar.tracking import RUN_ID_FILE, Tracker, report_to
 from support import offline_runs, read_metrics
@@ -245,6 +246,60 @@ def test_report_to_none_writes_metrics_but_no_wandb_files(tmp_path, model):
     assert (output_dir / "confusion.json").is_file()
     assert not list(tmp_path.rglob("wandb")) and not (tmp_path / "wandb_dir").exists()
     assert not list(output_dir.glob("*.png")), "plots are off"
+
+
+def test_expert_metrics_are_each_conv_layers_weight_averaged_over_the_sample_images(tmp_path):
+    """experts/block<b>/conv<c>: the expert branch's weight of conv layer c, the mean over the sample images of
+    softmax(fc2(relu(fc1(pooled block input)))), computed here by hand from the block inputs of an eval forward."""
+    torch.manual_seed(1)
+    config = ModelConfig(
+        block_convs=[1, 3],
+        block_channels=[12, 24],
+        block_halve=[False, True],
+        classifier_hidden=[8],
+        expert_reduction=2,
+    )
+    model = DistCifarNet(config).train()
+    # each image one colour (as in support.make_images): block inputs, and so expert weights, that differ by image
+    colours = torch.randint(0, 256, (6, 3, 1, 1), generator=torch.Generator().manual_seed(2))
+    images = colours.expand(6, 3, 32, 32).to(torch.uint8)
+    inputs = []
+    hooks = [block.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for block in model.blocks]
+    model.eval()
+    expected = {}
+    with torch.no_grad():
+        for block in model.blocks:  # larger expert logits: weights far from uniform
+            block.experts.fc2.weight.mul_(4)
+        model(normalize(images))
+        for b, (block, x) in enumerate(zip(model.blocks, inputs)):
+            fc1, fc2 = block.experts.fc1, block.experts.fc2
+            hidden = torch.relu(x.mean((2, 3)) @ fc1.weight.T + fc1.bias)
+            per_image = torch.softmax(hidden @ fc2.weight.T + fc2.bias, dim=1)  # [images, convs]
+            if per_image.shape[1] > 1:
+                assert per_image.std(0).min() > 0.05, f"block {b}: the weights must vary over the images"
+            expected.update({f"experts/block{b}/conv{c}": float(w) for c, w in enumerate(per_image.mean(0))})
+    for hook in hooks:
+        hook.remove()
+    model.train()
+
+    tracker = make_tracker(make_config("none", plots=False), tmp_path / "run")
+    result = {
+        "epoch": 1,
+        "train_seconds": 1.0,
+        "eval_accuracy": 0.5,
+        "eval_loss": 1.0,
+        "eval_samples": 20,
+        "per_class_accuracy": [0.5] * 10,
+        "confusion": (torch.eye(10, dtype=torch.long) * 2).tolist(),
+        "eval_split": "test",
+    }
+    tracker.log_eval(result, 7, model, images, torch.zeros(6, dtype=torch.long))
+    tracker.finish()
+    (row,) = read_metrics(tmp_path / "run")
+    logged = {key: value for key, value in row.items() if key.startswith("experts/")}
+    assert sorted(logged) == sorted(expected)  # one metric per conv layer of each block, no more
+    assert logged == pytest.approx(expected, abs=1e-6)
+    assert model.training
 
 
 def test_auto_picks_wandb_from_mode_key_or_netrc(tmp_path, monkeypatch):
