@@ -110,8 +110,9 @@ class _LogWindow:
     def mean_loss(self, accelerator, step: int) -> float:
         """The window's mean train loss over all ranks (a host sync); TrainingDiverged if it is not finite."""
         loss = accelerator.reduce(self.loss_sum, "mean").item() / self.steps
-        if not math.isfinite(loss):  # the same value on every rank: all stop
-            raise TrainingDiverged(f"training diverged at step {step}: the train loss is {loss}; {DIVERGED_HINT}")
+        if not math.isfinite(loss):  # the same value on every rank: all stop, the main process says why
+            message = f"training diverged at step {step}: the train loss is {loss}; {DIVERGED_HINT}"
+            fail_together(accelerator, TrainingDiverged, message, same_on_every_rank=True)
         return loss
 
     def reopen(self, train_seconds: float) -> None:

@@ -218,6 +218,16 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+def worker_exit_codes(launcher_output: str) -> dict[int, int]:
+    """{rank: exit code} of the workers that failed, from the report torch's elastic launcher (under accelerate
+    launch and torchrun) prints when a worker fails: its record of each worker process. A worker it killed itself
+    after another had failed shows as -15."""
+    import re
+
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", launcher_output)
+    return {int(rank): int(code) for rank, code in found}
+
+
 def kill_tree(pid: int, signum: int = 9) -> None:
     """Signal a process and all its descendants: torch's elastic launcher starts its workers in
     sessions of their own, so killing the launcher's process group would leave them running."""

@@ -1,19 +1,20 @@
 """Checkpoints with real processes: an exact resume after SIGKILL (1 and 2 processes, with accumulation), a
-resume on another number of processes, SIGTERM to the whole job, and the exported model through evaluate.py.
-The in-process checkpoint tests are in tests/unit/test_checkpoint.py."""
+resume on another number of processes, SIGTERM to every rank (each exits 143 after saving that step), and the
+exported model through evaluate.py. The in-process checkpoint tests are in tests/unit/test_checkpoint.py."""
 
 import json
-import os
+import re
 import signal
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from distcifar.config import ModelConfig
 from distcifar.model import DistCifarNet
-from support import kill_tree, launch_command, read_metrics, run, start, train_args
+from support import kill_tree, launch_command, read_metrics, run, start, train_args, worker_exit_codes
 
 # ---------------------------------------------------------------------------------------------
 # Exact resume with real processes
@@ -91,7 +92,10 @@ def test_resume_on_a_different_number_of_processes(tmp_path, synthetic_data):
     assert train_steps[-11:] == list(range(6, 17))  # continued from the sample position of step 5
 
 
-def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, synthetic_data):
+def test_sigterm_to_every_rank_saves_that_step_exits_143_on_each_and_resume_finishes(tmp_path, synthetic_data):
+    # SIGTERM to the two training processes only (as `kill PID` does): each rank saves the step they agree on and exits
+    # 128 + 15; the launcher, not signalled itself, reports each worker's exit code and exits 1 (had the workers
+    # exited 0, it would report success).
     out = tmp_path / "run"
     command = launch_command(2) + train_args(out, synthetic_data, "--train.epochs", "3")
     process = start(command)
@@ -99,15 +103,34 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, synthetic_dat
     while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)  # what scancel and Ctrl-C do: every process gets it
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode != 0
-    assert "stopped by signal" in output
+    try:  # the workers: the launcher's children that it gave a LOCAL_RANK
+        workers = [child for child in psutil.Process(process.pid).children(recursive=True) if _local_rank(child)]
+        assert len(workers) == 2, [child.cmdline() for child in workers]
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        kill_tree(process.pid)  # nothing of a failed test keeps running
+    assert process.returncode == 1, output[-3000:]  # a worker that failed: the launcher's own code
+    assert worker_exit_codes(output) == {0: 143, 1: 143}, output[-3000:]
+    stopped = re.search(r"stopped by signal 15 at step (\d+)", output)
+    assert stopped, output[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 24
     saved = sorted((out / "checkpoints").glob("step_*"))
-    assert saved, output[-2000:]
+    assert saved[-1].name == f"step_{step:08d}", saved
+    assert read_metrics(out)[-1]["step"] <= step and not (out / "summary.json").exists()
     result = run(launch_command(2) + train_args(out, synthetic_data, "--train.epochs", "3"))
-    assert f"resumed from {saved[-1]}" in result.stdout
+    assert f"resumed from {saved[-1]} at step {step}" in result.stdout
+    assert [m["step"] for m in read_metrics(out) if "train/loss" in m][-(24 - step) :] == list(range(step + 1, 25))
     assert json.loads((out / "summary.json").read_text())["global_step"] == 24
+
+
+def _local_rank(process: psutil.Process) -> str | None:
+    try:
+        return process.environ().get("LOCAL_RANK")
+    except psutil.Error:
+        return None
 
 
 def test_export_and_evaluate_script(tmp_path, synthetic_data):

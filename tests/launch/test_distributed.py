@@ -31,8 +31,10 @@ process start-up. The launches are module fixtures, each run once and read by se
   8. N processes started without a launcher (srun -n 2 python train.py) must be refused
      (when a Slurm cluster answers, e.g. the one `slurm/testcluster.sh up` starts)
   9. every ddp.* option (fp16/bf16/PowerSGD comm hooks, bucket size, gradient_as_bucket_view,
-     static_graph) keeps the ranks bit-identical; compressed runs track plain DDP's loss; what
-     cannot run (batched PowerSGD on this torch, static_graph with accumulation) is refused
+     static_graph) keeps the ranks bit-identical and reaches the DDP module as given; the gradient
+     the optimizer receives is the exact mean of the ranks' gradients (computed apart), up to the
+     hook's compression; compressed runs track plain DDP's loss; what cannot run (batched PowerSGD
+     on this torch, static_graph with accumulation) is refused
  10. every rank resumes from the checkpoint the main process chose; when a rank cannot read it
      (node-local disks), every rank stops at once with one error asking for a shared filesystem
 
@@ -613,14 +615,18 @@ def test_srun_tasks_without_a_launcher_are_refused(lab):
 # 9. ddp.* options (comm hooks, bucket layout, static graph): identical ranks, loss close to plain DDP
 
 DDP_STEPS = 24  # three epochs of the 256-image set: the loss falls from ~2.5 to ~1.8 with plain DDP
+CHECK_STEP = 2  # the step whose received gradient is compared with the exact one: PowerSGD's first compressed step
 DDP_OPTIONS = {
     "none": [],
     "fp16": ["--ddp.comm_hook", "fp16"],
     "bf16": ["--ddp.comm_hook", "bf16"],
     "powersgd": ["--ddp.comm_hook", "powersgd", "--ddp.powersgd_start_step", "2"],
+    "powersgd_rank4": ["--ddp.comm_hook", "powersgd", "--ddp.powersgd_start_step", "2", "--ddp.powersgd_rank", "4"],
     "batched_powersgd": ["--ddp.comm_hook", "batched_powersgd", "--ddp.powersgd_start_step", "2"],
-    # no compression: the same sums in other buckets, so the very same numbers as "none"
-    "layout": ["--ddp.static_graph", "true", "--ddp.gradient_as_bucket_view", "true", "--ddp.bucket_cap_mb", "0.01"],
+    # no compression: the same sums in other buckets, so the very same numbers as "none"; each option set alone
+    # in one entry and not in another, so that one tied to another shows
+    "layout": ["--ddp.gradient_as_bucket_view", "true", "--ddp.bucket_cap_mb", "0.01"],
+    "static_graph": ["--ddp.static_graph", "true"],
     "powersgd_accumulation": [
         "--ddp.comm_hook",
         "powersgd",
@@ -633,11 +639,19 @@ DDP_OPTIONS = {
     ],
     "static_graph_accumulation": ["--ddp.static_graph", "true", "--train.grad_accum_steps", "2"],
 }
-COMPRESSED = ["fp16", "bf16", "powersgd", "powersgd_accumulation"]
+REFUSED = ("batched_powersgd", "static_graph_accumulation")
+COMPRESSED = ["fp16", "bf16", "powersgd", "powersgd_rank4", "powersgd_accumulation"]
+UNCOMPRESSED = ["none", "layout", "static_graph"]
 # How far the mean loss of the last 8 steps may lie from plain DDP's (measured on 2 seeds, tiny network,
 # batch 32: fp16 0.07, bf16 0.11, powersgd rank 1 from step 2 0.34, with accumulation 0.43); the loss
 # falls by 0.6-0.9 over these steps. PowerSGD at rank 1 from step 2 is far harsher than its default warm-up.
-LOSS_TOLERANCE = {"fp16": 0.25, "bf16": 0.25, "powersgd": 0.6, "powersgd_accumulation": 0.7}
+# A coarse check that the runs learn: what each hook does to the gradient is checked exactly at CHECK_STEP.
+LOSS_TOLERANCE = {"fp16": 0.25, "bf16": 0.25, "powersgd": 0.6, "powersgd_rank4": 0.6, "powersgd_accumulation": 0.7}
+
+
+def _given(options: list[str], name: str, default):
+    """The value `options` (a DDP_OPTIONS entry) sets for --name, else the default: read from the list itself."""
+    return options[options.index(name) + 1] if name in options else default
 
 
 @pytest.fixture(scope="module")
@@ -654,6 +668,8 @@ def ddp_options_run(lab) -> dict:
         str(DDP_STEPS),
         "--options",
         json.dumps(DDP_OPTIONS),
+        "--check_step",
+        str(CHECK_STEP),
         *TINY,
         "--optim.name",
         "adam",
@@ -673,7 +689,7 @@ def ddp_options_run(lab) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", [n for n in DDP_OPTIONS if n not in ("batched_powersgd", "static_graph_accumulation")])
+@pytest.mark.parametrize("name", [n for n in DDP_OPTIONS if n not in REFUSED])
 def test_every_ddp_option_keeps_every_rank_bit_identical(ddp_options_run, name):
     result = ddp_options_run[name]
     assert "refused" not in result, result
@@ -685,8 +701,52 @@ def test_every_ddp_option_keeps_every_rank_bit_identical(ddp_options_run, name):
     assert result["comm_hooks"] == (1 if name in COMPRESSED else 0)
 
 
+@pytest.mark.parametrize("name", [n for n in DDP_OPTIONS if n not in REFUSED])
+def test_ddp_holds_each_option_as_given_and_no_other(ddp_options_run, name):
+    """What the DDP module itself holds, against what the entry's command line says: an option ignored, or tied to
+    another, shows in the entry that sets it alone or leaves it out."""
+    options, result = DDP_OPTIONS[name], ddp_options_run[name]
+    bucket_view = _given(options, "--ddp.gradient_as_bucket_view", "false") == "true"
+    assert result["gradient_as_bucket_view"] is bucket_view
+    assert result["static_graph"] is (_given(options, "--ddp.static_graph", "false") == "true")
+    assert result["bucket_bytes_cap"] == int(float(_given(options, "--ddp.bucket_cap_mb", "25")) * 1024 * 1024)
+    hook = _given(options, "--ddp.comm_hook", "none")
+    assert result["powersgd_rank"] == (int(_given(options, "--ddp.powersgd_rank", "1")) if hook == "powersgd" else None)
+    # what bucket views do: every gradient a view into its bucket's storage (a handful), else each its own
+    if bucket_view:
+        assert result["gradient_storages"] < result["parameters"] / 4, result
+    else:
+        assert result["gradient_storages"] == result["parameters"], result
+
+
 def test_bucket_layout_and_static_graph_give_the_same_numbers_as_plain_ddp(ddp_options_run):
-    assert ddp_options_run["layout"]["losses"] == ddp_options_run["none"]["losses"]
+    for name in ("layout", "static_graph"):
+        assert ddp_options_run[name]["losses"] == ddp_options_run["none"]["losses"], name
+
+
+@pytest.mark.parametrize("name", UNCOMPRESSED)
+def test_uncompressed_ddp_hands_the_optimizer_the_exact_mean_gradient(ddp_options_run, name):
+    # the exact mean: each rank's own backward, summed over ranks by a plain all-reduce and halved (tests/probes)
+    result = ddp_options_run[name]
+    assert result["check_step"] == CHECK_STEP
+    assert result["gradient_relative_error"] < 1e-6, result
+
+
+def test_compressed_gradients_are_the_exact_mean_up_to_their_compression(ddp_options_run):
+    """At PowerSGD's first compressed step, against the exact mean gradient: fp16 and bf16 round each value (about
+    2^-11 and 2^-8 relative), PowerSGD projects each weight's gradient onto a low-rank subspace (so <received,
+    exact> = |received|^2) and loses less at rank 4 than at rank 1. A gradient scaled wrongly (a sum for a mean,
+    say), or a rank not passed on, fails here whatever the optimizer."""
+    result = {name: ddp_options_run[name] for name in COMPRESSED}
+    fp16, bf16 = result["fp16"]["gradient_relative_error"], result["bf16"]["gradient_relative_error"]
+    assert 0 < fp16 < 2e-3 and 0 < bf16 < 1.5e-2 and fp16 < bf16, (fp16, bf16)
+    for name in ("powersgd", "powersgd_rank4", "powersgd_accumulation"):
+        assert result[name]["gradient_projection_ratio"] == pytest.approx(1.0, abs=1e-4), (name, result[name])
+        assert 0.02 < result[name]["gradient_relative_error"] < 1, (name, result[name])
+    rank1, rank4 = (result[name]["gradient_relative_error"] for name in ("powersgd", "powersgd_rank4"))
+    assert rank4 < 0.8 * rank1, (rank1, rank4)
+    for name in ("fp16", "bf16"):
+        assert result[name]["gradient_scale"] == pytest.approx(1.0, abs=1e-2), (name, result[name])
 
 
 @pytest.mark.parametrize("name", COMPRESSED)

@@ -69,7 +69,7 @@ def test_a_failed_push_keeps_the_run_says_so_in_one_line_and_exits_1(pushed_run)
 
 
 def test_the_model_card_describes_the_model_its_training_and_its_results(pushed_run):
-    out, _ = pushed_run
+    out, trained = pushed_run
     text = (out / "final" / "README.md").read_text()
     card = ModelCard.load(out / "final" / "README.md")
     summary = json.loads((out / "summary.json").read_text())
@@ -98,7 +98,14 @@ def test_the_model_card_describes_the_model_its_training_and_its_results(pushed_
     for name, accuracy in zip(CLASS_NAMES, summary["per_class_accuracy"]):
         assert f"| {name} | {accuracy:.2%} |" in text
     assert "- **Optimizer**: Adam, peak learning rate 0.003" in text
-    assert "- **Run**: 16 optimizer steps (2 epochs) on 1 process(es)" in text
+    # the recipe of support.train_args and the run's own summary, line by line
+    assert "- **Schedule**: 0.5 warm-up epochs, then cosine, in optimizer steps." in text
+    assert "- **Batch and length**: global batch 32 (1 accumulation step(s)), 2 epochs, seed 0." in text
+    assert (
+        f"- **Run**: 16 optimizer steps (2 epochs) on 1 process(es), mixed precision {summary['mixed_precision']}, "
+        f"{summary['train_seconds']:.0f} s of training." in text
+    )
+    assert f"), {summary['mixed_precision']} | global batch 32" in trained.stdout  # the precision it trained in
 
     recipe = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     (out.parent / "recipe.yaml").write_text(recipe)

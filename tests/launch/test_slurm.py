@@ -10,9 +10,10 @@ pytest, 2 nodes x 1 CPU process, configs/smoke.yaml.
   (c) a bad submission (unknown config key, missing data path) fails fast, error at the top
       of the log, never requeued, and the job's ExitCode is train.py's 2 (also through accelerate launch)
   (d) a plain scancel (SIGTERM), and SIGUSR1 past MAX_RESTARTS: checkpoint, no requeue
-  (e) a 2-task array job (a seed sweep, --cpus-per-task=2): its own folder, value and both CPUs per
-      task; one task requeues itself alone after SIGUSR1, the other is requeued by Slurm (as under
-      PreemptMode=REQUEUE); both resume from their checkpoint and finish
+  (e) a 2-task array job (a seed sweep, --cpus-per-task=2) without OUTPUT_DIR or OMP_NUM_THREADS:
+      one sweep folder runs/<name>-<array job id>, its own subfolder, value, both CPUs and as many
+      threads per task; one task requeues itself alone after SIGUSR1, the other is requeued by Slurm
+      (as under PreemptMode=REQUEUE); both resume from their checkpoint and finish
 
 The test cluster has no accounting (sacct), so exit codes are read from `scontrol show job`, which
 reports the same ExitCode.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -62,31 +64,44 @@ TERMINAL = {
 }
 
 
-def job_env(output_dir: Path) -> dict:
+def job_env(output_dir: Path | None, one_thread: bool = True) -> dict:
+    """The job's environment; output_dir None and one_thread False leave OUTPUT_DIR and OMP_NUM_THREADS to
+    slurm/train.sh's own defaults."""
     # no SLURM_*/SBATCH_* from an enclosing job: they would change sbatch's options
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    # one thread per process: the emulated nodes share this machine's cores
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in ("OUTPUT_DIR", "OMP_NUM_THREADS")
+    }
     env.update(
         PYTHON=sys.executable,
         CONFIG="configs/smoke.yaml",
-        OUTPUT_DIR=str(output_dir),
         HF_HUB_OFFLINE="1",
         WANDB_MODE="offline",
         PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
     )
+    if output_dir is not None:
+        env["OUTPUT_DIR"] = str(output_dir)
+    if one_thread:  # one thread per process: the emulated nodes share this machine's cores
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
 def submit(
-    name: str, output_dir: Path, args: list[str], nodes: int = NODES, sbatch: tuple[str, ...] = (), **env: str
+    name: str,
+    output_dir: Path | None,
+    args: list[str],
+    nodes: int = NODES,
+    sbatch: tuple[str, ...] = (),
+    one_thread: bool = True,
+    **env: str,
 ) -> str:
     if "--data.path" not in args:
         args = ["--data.path", DATA, *args]
     out = subprocess.run(
         ["sbatch", "--parsable", f"--job-name={name}", f"--nodes={nodes}", *sbatch, "slurm/train.sh", *args],
         cwd=REPO,
-        env={**job_env(output_dir), **env},
+        env={**job_env(output_dir, one_thread), **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -272,48 +287,57 @@ def test_exit_code_file_is_written_by_the_main_process_only(tmp_path):
         assert (path.read_text() if path.exists() else None) == expected
 
 
-def test_array_tasks_own_folders_and_requeue_alone(tmp_path):
+def test_array_tasks_own_folders_and_requeue_alone():
     name = f"distcifar-test-e-{SESSION}"
-    sweep = tmp_path / "sweep"
     # SLURM_CPU_BIND=cores stands in for a cluster that binds tasks to cores (TaskPluginParam=Cores): without
     # srun --cpus-per-task each task would be bound to 1 CPU. 3 epochs: task `other` is still training when
-    # task `own` has requeued itself.
+    # task `own` has requeued itself. Neither OUTPUT_DIR nor OMP_NUM_THREADS is set: the script's defaults run
+    # (one sweep folder runs/<job name>-<array job id>/<task>, relative to the project; threads = the task's CPUs).
     array = submit(
         name,
-        sweep,
+        None,
         [*TRAIN_ARGS, "--train.epochs", "3"],
         nodes=1,
         sbatch=("--array=0-1", "--cpus-per-task=2"),
+        one_thread=False,
         SWEEP="train.seed=5,6",
         SLURM_CPU_BIND="cores",
     )
+    sweep = REPO / "runs" / f"{name}-{array}"
     tasks = {task: f"{array}_{task}" for task in (0, 1)}
     try:
-        for task, spec in tasks.items():
-            wait_for_checkpoint(spec, name, sweep / str(task))
-        # the task that holds the array's own job id: a plain `scontrol requeue $SLURM_JOB_ID` there
-        # requeues every task of the array
-        own = next(task for task, spec in tasks.items() if job_info(spec)["JobId"] == array)
-        other = 1 - own
-        subprocess.run(["scancel", "--signal=USR1", "--full", tasks[own]], check=True, timeout=30)
-        deadline = time.monotonic() + 120
-        while job_info(tasks[own])["Restarts"] == "0":
-            assert time.monotonic() < deadline, read_log(name, tasks[own])[-4000:]
-            time.sleep(0.5)
-        info = job_info(tasks[other])
-        assert info["Restarts"] == "0", f"task {other} was requeued with task {own}"
-        assert info["JobState"] == "RUNNING", f"task {other} is {info['JobState']}: too late to requeue it mid-run"
-        subprocess.run(["scontrol", "requeue", tasks[other]], check=True, timeout=30)  # as PreemptMode=REQUEUE does
-        infos = {task: wait_for(spec, name, timeout=400) for task, spec in tasks.items()}
-    finally:
-        subprocess.run(["scancel", array], timeout=30)  # nothing of a failed test keeps running
+        try:
+            for task, spec in tasks.items():
+                wait_for_checkpoint(spec, name, sweep / str(task))
+            # the task that holds the array's own job id: a plain `scontrol requeue $SLURM_JOB_ID` there
+            # requeues every task of the array
+            own = next(task for task, spec in tasks.items() if job_info(spec)["JobId"] == array)
+            other = 1 - own
+            subprocess.run(["scancel", "--signal=USR1", "--full", tasks[own]], check=True, timeout=30)
+            deadline = time.monotonic() + 120
+            while job_info(tasks[own])["Restarts"] == "0":
+                assert time.monotonic() < deadline, read_log(name, tasks[own])[-4000:]
+                time.sleep(0.5)
+            info = job_info(tasks[other])
+            assert info["Restarts"] == "0", f"task {other} was requeued with task {own}"
+            assert info["JobState"] == "RUNNING", f"task {other} is {info['JobState']}: too late to requeue it mid-run"
+            subprocess.run(["scontrol", "requeue", tasks[other]], check=True, timeout=30)  # as PreemptMode=REQUEUE
+            infos = {task: wait_for(spec, name, timeout=400) for task, spec in tasks.items()}
+        finally:
+            subprocess.run(["scancel", array], timeout=30)  # nothing of a failed test keeps running
 
-    for task, spec in tasks.items():
-        log = read_log(name, spec)
-        assert infos[task]["JobState"] == "COMPLETED" and infos[task]["Restarts"] == "1", log[-4000:]
-        assert_resumed_from_the_stop(log)
-        assert f"{'requeueing job' if task == own else 'Slurm is requeueing job'} {spec}" in log, log[-4000:]
-        assert "1 process(es), single launch, 2 CPU(s)" in log, log[:3000]  # srun got --cpus-per-task
-        out = sweep / str(task)
-        assert json.loads((out / "config.json").read_text())["train"]["seed"] == 5 + task
-        assert json.loads((out / "summary.json").read_text())["global_step"] == 24
+        # one sweep folder, named by the array's job id, not one per task's own job id
+        assert sorted(p.name for p in (REPO / "runs").glob(f"{name}-*")) == [sweep.name]
+        for task, spec in tasks.items():
+            log = read_log(name, spec)
+            assert infos[task]["JobState"] == "COMPLETED" and infos[task]["Restarts"] == "1", log[-4000:]
+            assert_resumed_from_the_stop(log)  # from the relative runs/... folder, by --resume auto
+            assert f"output runs/{sweep.name}/{task}" in log, log[:3000]
+            assert f"{'requeueing job' if task == own else 'Slurm is requeueing job'} {spec}" in log, log[-4000:]
+            assert "1 process(es), single launch, 2 CPU(s)" in log, log[:3000]  # srun got --cpus-per-task
+            assert "(DistributedType.NO, 2 threads)" in log, log[:3000]  # OMP_NUM_THREADS from the task's CPUs
+            out = sweep / str(task)
+            assert json.loads((out / "config.json").read_text())["train"]["seed"] == 5 + task
+            assert json.loads((out / "summary.json").read_text())["global_step"] == 24
+    finally:
+        shutil.rmtree(sweep, ignore_errors=True)  # in the project's runs/: not left behind

@@ -3,6 +3,7 @@ resume, signals, checkpoint options, data options and trackers holds through a r
 
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from support import launch_command, read_metrics, run, start, train_args
+from support import REPO, launch_command, read_metrics, run, start, train_args
 
 SUMMARY_KEYS = {
     "test_accuracy",
@@ -44,18 +45,34 @@ def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic
     assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == 32
 
 
-def test_same_seed_same_result_bit_for_bit(tmp_path, synthetic_data):
+def test_same_seed_same_result_bit_for_bit_and_logging_every_4_steps_logs_their_mean(tmp_path, synthetic_data):
+    # Two runs of one seed, the second logging every 4 steps (the default cadence's code path, not every step's): the
+    # same weights bit for bit (logging changes nothing), and each of its rows is the mean of the first run's 4.
     finals = []
-    for name in ("a", "b"):
+    for name, log_every in (("a", "1"), ("b", "4")):
         out = tmp_path / name
-        run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--train.epochs", "1"))
+        run(
+            launch_command(1, launcher="python")
+            + train_args(out, synthetic_data, "--train.epochs", "1", "--train.log_every", log_every)
+        )
         finals.append((load_file(out / "final" / "model.safetensors"), read_metrics(out)))
     (weights_a, metrics_a), (weights_b, metrics_b) = finals
     assert weights_a.keys() == weights_b.keys()
     assert all((weights_a[k] == weights_b[k]).all() for k in weights_a)
-    timing = {"train/images_per_second", "train/images_per_second_per_process", "train/epoch_seconds", "train/seconds"}
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(metrics_a) == strip(metrics_b)
+    every_step = {m["step"]: m for m in metrics_a if "train/loss" in m}
+    every_4th = {m["step"]: m for m in metrics_b if "train/loss" in m}
+    assert sorted(every_step) == list(range(1, 9)) and sorted(every_4th) == [4, 8]
+    for step, row in every_4th.items():
+        window = [every_step[s]["train/loss"] for s in range(step - 3, step + 1)]
+        assert row["train/loss"] == pytest.approx(sum(window) / 4, rel=1e-6), (step, window)
+        assert row["train/lr"] == every_step[step]["train/lr"]  # the rate the logged step used
+        assert row["train/grad_norm"] == pytest.approx(every_step[step]["train/grad_norm"], rel=1e-6)
+    # images/s over each 4-step window: 4 x 32 images in the window's training time, which the epoch's time adds up
+    (epoch,) = [m["train/epoch_seconds"] for m in metrics_b if "train/epoch_seconds" in m]
+    window_seconds = [4 * 32 / every_4th[step]["train/images_per_second"] for step in (4, 8)]
+    assert sum(window_seconds) == pytest.approx(epoch, rel=1e-9)
+    evals = lambda rows: [(m["step"], m["eval/accuracy"], m["eval/loss"]) for m in rows if "eval/accuracy" in m]  # noqa: E731
+    assert evals(metrics_a) == evals(metrics_b)
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, synthetic_data):
@@ -67,8 +84,12 @@ def test_fp16_on_cpu_is_refused(tmp_path, synthetic_data):
     assert "fp16 needs a GPU" in result.stderr
 
 
-def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
-    # configs/cpu.yaml (the README's main command) on a slice: 10,000 images, 3 epochs, 2,000 test images
+TIMER_MINUTES = 0.05  # 3 s: several saves per 39-step epoch of the CPU recipe, however fast the CPU
+
+
+def test_the_cpu_recipe_learns_real_cifar10_and_saves_on_the_timer(tmp_path, real_data):
+    # configs/cpu.yaml (the README's main command) on a slice: 10,000 images, 3 epochs, 2,000 test images, logged at
+    # a real cadence (every 10 steps), with a checkpoint timer of TIMER_MINUTES and every checkpoint kept
     out = tmp_path / "real"
     run(
         launch_command(1)
@@ -89,6 +110,10 @@ def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
             "10",
             "--tracking.report_to",
             "none",
+            "--checkpoint.every_minutes",
+            str(TIMER_MINUTES),
+            "--checkpoint.keep",
+            "1000",
         ],
         timeout=900,
     )
@@ -100,6 +125,28 @@ def test_the_cpu_recipe_learns_real_cifar10(tmp_path, real_data):
     assert evals == sorted(evals) and evals[-1] > evals[0] + 0.1
     losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+    _assert_saved_on_the_timer(out, TIMER_MINUTES * 60, steps_per_epoch=39, log_every=10, batch=256)
+
+
+def _assert_saved_on_the_timer(out, timer_s: float, steps_per_epoch: int, log_every: int, batch: int):
+    """The saves of a run against its own records. A save is due at the first step whose check finds timer_s passed
+    since the last save (of any kind), so: (1) between two saves a and b the steps up to b - 2 trained for less than
+    timer_s (their training time, from each logged window's images/s, lies within the timer's interval), and (2) a
+    save for the timer (not an epoch end) is written at least timer_s after the save before it (manifest times).
+    Both hold however busy the machine is; a timer in the wrong unit, or one never reset, breaks one of them."""
+    saves = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*"))
+    written = {step: (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").stat().st_mtime for step in saves}
+    window_seconds = {
+        m["step"]: log_every * batch / m["train/images_per_second"] for m in read_metrics(out) if "train/loss" in m
+    }
+    timer_saves = [step for step in saves if step % steps_per_epoch]
+    assert timer_saves, f"no save for the timer: {saves}"
+    for before, step in zip([0, *saves], saves):
+        trained = sum(t for end, t in window_seconds.items() if before <= end - log_every and end <= step - 2)
+        assert trained < timer_s, f"{trained:.2f} s of training between the saves at {before} and {step}"
+        if step in timer_saves and before:
+            apart = written[step] - written[before]
+            assert apart >= timer_s - 0.05, f"saves at {before} and {step} only {apart:.2f} s apart"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +190,23 @@ def test_resume_finished_part_then_never_then_an_older_path(tmp_path, synthetic_
     assert _checkpoint_steps(out) == [3, 4, 6, 8, 9, 12, 15, 16]  # every 3 steps and each epoch end (8, 16)
     steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
     assert steps == [1, 2, 3, 4, *range(5, 17)]
-    # --resume PATH: an older checkpoint, into a new folder
+    # --resume PATH: an older checkpoint, into a new folder, given relative to the working directory
     older = out / "checkpoints" / "step_00000009"
+    relative = os.path.relpath(older, REPO)
+    saved = json.loads((older / "state.json").read_text())["run_state"]
     other = tmp_path / "from9"
-    result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(older)))
-    assert f"resumed from {older} at step 9" in result.stdout
+    started = time.monotonic()
+    result = run(launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", relative))
+    took = time.monotonic() - started
+    assert f"resumed from {relative} at step 9" in result.stdout
     assert [m["step"] for m in read_metrics(other) if "train/loss" in m] == list(range(10, 17))
+    # the times count every attempt: the checkpoint's, plus this attempt's 7 steps (their time from this attempt's
+    # images/s), plus, for the wall time, no more than this process lived
+    summary = json.loads((other / "summary.json").read_text())
+    this_attempt = 7 * 32 / summary["images_per_second"]
+    assert summary["train_seconds"] == pytest.approx(saved["train_seconds"] + this_attempt, rel=1e-9)
+    assert saved["train_seconds"] > 0 and saved["wall_seconds"] >= saved["train_seconds"]
+    assert saved["wall_seconds"] + this_attempt <= summary["wall_seconds"] <= saved["wall_seconds"] + took
     # --resume never: from scratch although checkpoints are there
     result = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--resume", "never"))
     assert "resumed" not in result.stdout
@@ -166,10 +224,13 @@ def test_weights_only_starts_a_new_schedule_from_the_weights(tmp_path, synthetic
     first, second = tmp_path / "first", tmp_path / "second"
     run(launch_command(1, launcher="python") + train_args(first, synthetic_data, "--train.epochs", "1"))
     source = first / "checkpoints" / "step_00000008"
-    # a different data config would be refused for a plain resume; weights_only takes the weights and starts at step 1
-    changed = ("--data.train_limit", "128", "--resume", str(source))
+    # a different data config or seed would be refused for a plain resume; weights_only takes the weights and starts
+    # at step 1
+    changed = ("--data.train_limit", "128", "--train.seed", "1", "--resume", str(source))
     refused = run(launch_command(1, launcher="python") + train_args(second, synthetic_data, *changed), check=False)
-    assert refused.returncode == 2 and "data.train_limit" in refused.stderr
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    # another seed is another data order: refused like the data, every difference named
+    assert "data.train_limit (checkpoint 0, now 128); train.seed (checkpoint 0, now 1)" in refused.stderr
     result = run(
         launch_command(1, launcher="python")
         + train_args(second, synthetic_data, *changed, "--checkpoint.weights_only", "true")
@@ -178,12 +239,12 @@ def test_weights_only_starts_a_new_schedule_from_the_weights(tmp_path, synthetic
     losses = {m["step"]: m["train/loss"] for m in read_metrics(second) if "train/loss" in m}
     assert sorted(losses) == list(range(1, 9))  # 128 images / 32 = 4 steps per epoch, 2 epochs
     fresh = tmp_path / "fresh"
-    run(launch_command(1, launcher="python") + train_args(fresh, synthetic_data, "--data.train_limit", "128"))
+    run(launch_command(1, launcher="python") + train_args(fresh, synthetic_data, *changed[:4]))
     fresh_losses = {m["step"]: m["train/loss"] for m in read_metrics(fresh) if "train/loss" in m}
     assert losses[1] < 0.8 * fresh_losses[1]  # the first step already has trained weights
 
 
-def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, synthetic_data):
+def test_keep_best_tensorboard_data_file_and_val_size(tmp_path, synthetic_data):
     out = tmp_path / "run"
     result = run(
         launch_command(1, launcher="python")
@@ -198,8 +259,15 @@ def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, sy
             "1",
             "--checkpoint.keep_best",
             "true",
-            "--checkpoint.every_minutes",
-            "0.0001",
+            "--checkpoint.every_steps",
+            "2",
+            # the third epoch at 30 times the rate: the network forgets, so the best evaluation is not the last one
+            "--optim.schedule",
+            "step",
+            "--optim.step_epochs",
+            "2",
+            "--optim.step_gamma",
+            "30",
             "--tracking.report_to",
             "tensorboard",
         )
@@ -208,11 +276,13 @@ def test_keep_best_every_minutes_tensorboard_data_file_and_val_size(tmp_path, sy
     assert "200 train / 56 validation images" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_split"] == "validation" and summary["eval_samples"] == 56
-    # every_minutes: the timer is due at every step here, so every step was saved before pruning
-    # keep 1 + keep_best: the newest, and the best by eval accuracy (the newest of equals)
+    # keep 1 + keep_best, after saves every 2 steps and at each epoch end (6, 12, 18): the newest, and the best by
+    # eval accuracy (the newest of equals), which is not the newest
     evals = [(m["eval/accuracy"], m["step"]) for m in read_metrics(out) if "eval/accuracy" in m]
+    assert [step for _, step in evals] == [6, 12, 18]
     best_step = max(evals)[1]
-    assert _checkpoint_steps(out) == sorted({best_step, 18})
+    assert best_step != 18, f"the last evaluation is the best ({evals}): keep_best would only keep the newest"
+    assert _checkpoint_steps(out) == [best_step, 18]
     # tensorboard: real event files with the logged scalars
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -242,6 +312,11 @@ def test_the_wandb_run_id_is_carried_through_a_real_resume(tmp_path, synthetic_d
         + train_args(out, synthetic_data, "--tracking.report_to", "wandb", "--train.max_steps", "4")
     )
     run_id = json.loads((out / "summary.json").read_text())["tracker_run_id"]
+    saved = json.loads((out / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert saved["run_state"]["tracker_run_id"] == run_id
+    # the id must come from the checkpoint itself: OUTPUT_DIR/tracker_run_id (a run killed before its first
+    # checkpoint continues through that file) is gone, as when only the checkpoints were copied to another machine
+    (out / "tracker_run_id").unlink()
     second = run(
         launch_command(1, launcher="python") + train_args(out, synthetic_data, "--tracking.report_to", "wandb")
     )
