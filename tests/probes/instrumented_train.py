@@ -12,6 +12,8 @@ imports it), is wrapped, not replaced:
   PROBE_HANG=1 (with PROBE_FAIL_RANK/STEP)
                                    instead of raising, that rank stops answering (sleeps, SIGTERM
                                    included) at that step: a stuck rank rather than a crashed one
+Under torch elastic the crash or hang happens in the first attempt only (TORCHELASTIC_RESTART_COUNT 0): the
+restarted group runs clean, as after a real fault.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def main(argv: list[str]) -> None:
             return end_training(self)
 
         Accelerator.end_training = dump_then_end_training
-    if fail_rank is not None:
+    if fail_rank is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         fail_rank, fail_step = int(fail_rank), int(os.environ.get("PROBE_FAIL_STEP", "1"))
         optimizer_steps = train.optimizer_steps
 
