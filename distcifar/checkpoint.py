@@ -138,8 +138,8 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
-        newest = files.step_dirs(self.root)[:1]
-        sequence = 1 + max((files.sequence(path) for path in newest), default=0)  # this save is the newest
+        numbers = [files.sequence(path) for path in files.step_dirs(self.root)]
+        sequence = 1 + max((n for n in numbers if n is not None), default=0)  # this save is the newest
         manifest = {"step": self.state.step, "eval_accuracy": eval_accuracy, "sequence": sequence}
         files.write(final, tensor_files, state, manifest)
 

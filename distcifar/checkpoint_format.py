@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -211,18 +212,25 @@ def read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
 def step_dirs(root: Path) -> list[Path]:
     """Checkpoint folders under root, the most recently saved first: by the manifest's sequence number, then by
     step. Not by step alone: a new run (--resume never, weights_only, --resume an older checkpoint) in a folder
-    that holds later steps of another run saves lower steps, and they are the newest."""
+    that holds later steps of another run saves lower steps, and they are the newest. A folder whose manifest
+    cannot be read comes first, so that resuming reports it as damaged rather than passing it over in silence."""
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: (sequence(p), int(p.name[5:])), reverse=True)
+
+    def newest_first(path: Path) -> tuple[float, int]:
+        number = sequence(path)
+        return (math.inf if number is None else number, int(path.name[5:]))
+
+    return sorted(found, key=newest_first, reverse=True)
 
 
-def sequence(path: Path) -> int:
-    """The save's sequence number in the folder (manifest.json); 0 for a checkpoint without one or unreadable."""
+def sequence(path: Path) -> int | None:
+    """The save's sequence number in its folder (manifest.json): 0 for a checkpoint made before there were any,
+    None when the manifest cannot be read."""
     try:
         number = json.loads((path / "manifest.json").read_text()).get("sequence", 0)
     except (OSError, ValueError, AttributeError):
-        return 0
-    return number if isinstance(number, int) else 0
+        return None
+    return number if isinstance(number, int) else None
 
 
 def read_state(path: Path, blobs: dict[str, bytes]) -> dict:

@@ -106,8 +106,16 @@ def class_names(num_classes: int) -> list[str]:
 
 class Tracker:
     def __init__(
-        self, accelerator, cfg: Config, output_dir: Path, run_id: str | None, hardware: dict, start_step: int = 0
+        self,
+        accelerator,
+        cfg: Config,
+        output_dir: Path,
+        run_id: str | None,
+        hardware: dict,
+        start_step: int | None = None,
     ):
+        """`start_step`: the step this run starts from (train.py); metrics.jsonl rows after it are dropped when the
+        run continues the folder's run (see _drop_rows_after). None: the file is left as it is."""
         self.accelerator = accelerator
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -121,7 +129,7 @@ class Tracker:
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self._continues():
+        if start_step is not None and self._continues():
             _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
         self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")  # noqa: SIM115 - open for the run's life
         if self.report_to != "none":
