@@ -6,8 +6,9 @@ the workers of every attempt (the c10d rendezvous shares its store with the work
 rendezvous that accelerate launch uses always did). A process group writes its bootstrap keys there: gloo each
 rank's listening address, NCCL its unique id. A restarted group finds the dead group's keys still in the store,
 and a rank that reads one before the new rank 0 has overwritten it connects to a process that is gone: gloo's
-"Connection refused" / "connectFullMesh failed", or "Connection reset by peer" (pytorch#135712, #167288). It
-was a race: 6 of 11 restarts survived it before this module.
+"Connection refused" / "connectFullMesh failed", or a hang inside ProcessGroupGloo's construction (pytorch#135712,
+#167288). It was a race: before this module 6 of 11 restarts survived it in the issue's trials, 2 of 7 in
+docs/checkpoints.md's.
 
 What this does instead: the new rank 0 starts a TCPStore of its own on a free port, puts a random token in it
 and publishes "address:port:token" in the agent's store. The other ranks read that entry and accept it only
@@ -35,11 +36,6 @@ PROBE_TIMEOUT = timedelta(seconds=3)  # connecting to a store the entry names: a
 def under_elastic_agent() -> bool:
     """Started by torch elastic's agent, whose store outlives each attempt's workers."""
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def attempt() -> int:
-    """This node's restart count (0 for the first start; each node counts its own restarts)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def init_process_group(backend: str, timeout: timedelta) -> None:

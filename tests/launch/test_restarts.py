@@ -1,7 +1,8 @@
 """In-job restarts under torch elastic, for real: a 2-process run whose rank 1 is SIGKILLed (torchrun
 --max-restarts 1) or stops answering (accelerate launch --max_restarts 1) is restarted by its launcher, resumes
 from the newest checkpoint by itself and ends with weights bit-identical to an uninterrupted run, each step once
-in metrics.jsonl and W&B continuing one run. One trial each here; scripts/restart_trials.py runs 20 in a row.
+in metrics.jsonl and W&B continuing one run. One trial each here, at a chosen step (tests/probes/instrumented_train.py
+kills or stalls rank 1); scripts/restart_trials.py runs 20 in a row, SIGKILLed from outside at random moments.
 The same within a Slurm allocation is in test_slurm.py."""
 
 import json
@@ -14,7 +15,6 @@ from safetensors.torch import load_file
 
 from support import (
     TORCHRUN,
-    TRAIN,
     accelerate_launch,
     finish,
     launch_command,
@@ -22,7 +22,6 @@ from support import (
     probe,
     read_metrics,
     run,
-    sigkill_rank_after,
     start,
     train_args,
 )
@@ -54,20 +53,21 @@ def _assert_finished_as_if_uninterrupted(out, output: str, uninterrupted: dict) 
 
 
 def test_torchrun_restarts_a_sigkilled_rank_and_finishes_bit_identical(tmp_path, synthetic_data, uninterrupted):
+    # rank 1 SIGKILLs itself after step 11 (first attempt only): the newest checkpoint is step 9's, and rank 0 has
+    # logged steps 10 and 11 already, which the restart must not show twice
     out = tmp_path / "run"
-    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", str(TRAIN)]
-    process = start(command + train_args(out, synthetic_data, *ARGS, "--tracking.report_to", "wandb"), None, True)
-    try:
-        sigkill_rank_after(process, out / "checkpoints" / "step_00000006", rank=1, delay_s=0.3)
-    finally:
-        code, stdout, stderr = finish(process, 400)
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", probe("instrumented_train")]
+    kill = {"PROBE_FAIL_RANK": "1", "PROBE_FAIL_STEP": "11", "PROBE_KILL": "1"}
+    args = train_args(out, synthetic_data, *ARGS, "--tracking.report_to", "wandb")
+    code, stdout, stderr = finish(start(command + args, {**os.environ, **kill}, True), 400)
     assert code == 0, (stdout + stderr)[-6000:]
     assert "exitcode: -9" in stderr  # the launcher saw the SIGKILL
-    resumed_at = _assert_finished_as_if_uninterrupted(out, stdout, uninterrupted)
-    # W&B: the restart continues the killed attempt's run (one id), from the step after its checkpoint
+    assert _assert_finished_as_if_uninterrupted(out, stdout, uninterrupted) == 9
+    # W&B: the restart continues the killed attempt's run (one id) from the step after the checkpoint
     first, second = offline_runs(out, 2)
     assert first["id"] == second["id"]
-    assert min(second["history"]) == resumed_at + 1 and max(second["history"]) == TOTAL_STEPS
+    assert max(first["history"]) == 11  # what the killed attempt logged past its checkpoint...
+    assert min(second["history"]) == 10 and max(second["history"]) == TOTAL_STEPS  # ...is logged again
 
 
 def test_accelerate_restarts_a_rank_that_stops_answering_after_the_collective_timeout(

@@ -9,6 +9,9 @@ imports it), is wrapped, not replaced:
   PROBE_FAIL_RANK=R PROBE_FAIL_STEP=S
                                    rank R raises RuntimeError after its S-th optimizer step (1-based):
                                    a crash on one rank only
+  PROBE_KILL=1 (with PROBE_FAIL_RANK/STEP)
+                                   instead of raising, that rank SIGKILLs itself after that step (its
+                                   collectives done, before the checkpointer sees the step): an OOM kill
   PROBE_HANG=1 (with PROBE_FAIL_RANK/STEP)
                                    instead of raising, that rank stops answering (sleeps, SIGTERM
                                    included) at that step: a stuck rank rather than a crashed one
@@ -19,6 +22,7 @@ restarted group runs clean, as after a real fault.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,6 +60,8 @@ def main(argv: list[str]) -> None:
         def failing_optimizer_steps(accelerator, *args, **kwargs):
             for count, report in enumerate(optimizer_steps(accelerator, *args, **kwargs), start=1):
                 if accelerator.process_index == fail_rank and count == fail_step:
+                    if os.environ.get("PROBE_KILL"):
+                        os.kill(os.getpid(), signal.SIGKILL)
                     if os.environ.get("PROBE_HANG"):
                         print(
                             f"instrumented_train: rank {fail_rank} stops answering at step {fail_step} "
