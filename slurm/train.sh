@@ -265,7 +265,7 @@ fi
 if [ "$STOPPED" = 1 ] && requeued_by_slurm; then
     log "training stopped (exit code $RC); Slurm is requeueing job $JOB: its next start resumes from $OUTPUT_DIR"
 elif [ "$REQUEUE" = 1 ]; then
-    if [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
+    if [ $(( RESTART + IN_JOB_RESTARTS )) -lt "$MAX_RESTARTS" ]; then  # in-job restarts count too
         log "training stopped (exit code $RC) after SIGUSR1: requeueing job $JOB (restart $((RESTART + 1))/$MAX_RESTARTS)"
         if scontrol requeue "$JOB"; then
             exit 0
