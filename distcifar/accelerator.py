@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
 
+from distcifar import elastic
 from distcifar.config import Config
 from distcifar.ddp import check_ddp_options, ddp_kwargs
 from distcifar.errors import UsageError
@@ -31,6 +32,12 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
     # Every batch has the same shape, so cuDNN's one-time search for the fastest kernels pays off (the
     # kernels it picks may differ between runs: bit-identical results are a CPU promise only).
     torch.backends.cudnn.benchmark = on_gpu
+    collective_timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    # Under torch elastic the process group is built here, on a store of this attempt's own (a restarted group
+    # must not read the dead one's keys); Accelerate then finds it initialised. On CPU with MPI available,
+    # Accelerate would pick MPI, which needs no store.
+    if elastic.under_elastic_agent() and (on_gpu or not torch.distributed.is_mpi_available()):
+        elastic.init_process_group("nccl" if on_gpu else "gloo", collective_timeout)
     accelerator = Accelerator(
         # Without cpu=True a multi-process launch on a machine with no GPU trains N unsynchronised copies.
         cpu=not on_gpu,
@@ -41,7 +48,7 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard")
         ),
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s)),
+            InitProcessGroupKwargs(timeout=collective_timeout),
             ddp_kwargs(cfg.ddp),
         ],
     )

@@ -138,7 +138,10 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
-        files.write(final, tensor_files, state, {"step": self.state.step, "eval_accuracy": eval_accuracy})
+        numbers = [files.sequence(path) for path in files.step_dirs(self.root)]
+        sequence = 1 + max((n for n in numbers if n is not None), default=0)  # this save is the newest
+        manifest = {"step": self.state.step, "eval_accuracy": eval_accuracy, "sequence": sequence}
+        files.write(final, tensor_files, state, manifest)
 
     def _describe_failure(self, final: Path, failure: Exception, model: torch.nn.Module) -> str:
         needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -160,7 +163,8 @@ class Checkpointer:
         )
 
     def _prune(self) -> None:
-        """Keep the newest checkpoint.keep checkpoints and, with keep_best, the best evaluated one."""
+        """Keep the newest checkpoint.keep checkpoints (the most recently saved, whatever their step: a new run's
+        lower steps are kept over an older run's higher ones) and, with keep_best, the best evaluated one."""
         dirs = files.step_dirs(self.root)
         protected = set(dirs[: self.cfg.keep])
         if self.cfg.keep_best:
@@ -191,6 +195,9 @@ class Checkpointer:
         """The run state to start from, also kept as `self.state`: `how` is auto (newest good checkpoint, if any),
         never, or a folder. Collective: every rank loads the checkpoint the main process chose, or every rank
         raises CheckpointError (node-local disks: the main process's newest checkpoint is not on the other nodes)."""
+        if self.accelerator.is_main_process:  # this run holds the folder's lock: no other run is saving here
+            for leftover in files.remove_dead_temporaries(self.root):
+                print(f"removed {leftover}, left behind by a save that was killed", flush=True)
         path = None if how == "never" else self._chosen_checkpoint(how)
         if path is None:
             return self.state

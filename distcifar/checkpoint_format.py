@@ -6,11 +6,12 @@ OUTPUT_DIR/checkpoints/step_00001234/
     rng.safetensors        RNG states of every process ("rank<r>.torch", ".cuda", ".numpy", ".python")
     state.json             run state (step, wall time, best accuracy, tracker run id), world size,
                            resolved config, optimizer hyper-parameters, scheduler, grad scaler
-    manifest.json          size and sha256 of each file above; written last
+    manifest.json          size and sha256 of each file above, and the save's sequence number; written last
 
-`write` puts a checkpoint in a hidden temporary folder and renames it into place, so a folder named
-step_* is always complete; `read_verified` still checks sizes and checksums, and reads no file that the
-manifest does not list (a planted .pkl, say). When a save is due, what goes in, and how a run resumes
+`write` puts a checkpoint in a hidden temporary folder (.tmp-step_*-HOST-PID) and renames it into place, so a
+folder named step_* is always complete (`remove_dead_temporaries` removes what a killed save left behind);
+`read_verified` still checks sizes and checksums, and reads no file that the manifest does not list (a planted
+.pkl, say). When a save is due, what goes in, and how a run resumes
 is checkpoint.py's business (the policy); this module only packs, writes, verifies and loads.
 """
 
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from safetensors.torch import save_file
 
 from distcifar.errors import CheckpointError
-from distcifar.files import fsync_dir
+from distcifar.files import follow_umask, fsync_dir
 
 FORMAT = "distcifar-checkpoint/2"
 STATE_FIELDS = ("run_state", "world_size", "config", "optimizer", "scheduler")
@@ -118,7 +122,28 @@ def _write(path: Path, data: bytes) -> dict:
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     save_file(tensors, path)  # straight to disk: ~30% faster than serialising to bytes first
+    follow_umask(path)  # safetensors makes it 0600: a teammate could not load it
     return _sync_and_describe(path)
+
+
+def _temporary(root: Path, kind: str, final: Path) -> Path:
+    """A save's hidden working folder, named by host and pid so that a later run can tell whether its writer lives."""
+    return root / f".{kind}-{final.name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_temporaries(root: Path) -> list[Path]:
+    """Remove the working folders of saves whose process is gone (killed mid-save); the ones removed.
+
+    Call it while holding the output folder's lock: then no other run writes here, and a folder of another host
+    is a dead run's too. One of this host whose pid still runs is left alone (the pid may have been reused)."""
+    here, removed = socket.gethostname(), []
+    for folder in sorted(root.glob(".tmp-step_*")) + sorted(root.glob(".old-step_*")):
+        host, _, pid = folder.name.split("-", 2)[2].rpartition("-")
+        if host == here and pid.isdigit() and psutil.pid_exists(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def write(final: Path, tensor_files: dict[str, dict[str, torch.Tensor]], state: dict, manifest_fields: dict) -> None:
@@ -126,7 +151,7 @@ def write(final: Path, tensor_files: dict[str, dict[str, torch.Tensor]], state: 
     manifest.json (with `manifest_fields`), all fsynced in a hidden temporary folder that is renamed into place.
     On any error the temporary folder is removed and `final` (if it existed) is left as it was."""
     root = final.parent
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = _temporary(root, "tmp", final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -139,7 +164,7 @@ def write(final: Path, tensor_files: dict[str, dict[str, torch.Tensor]], state: 
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
     if final.exists():  # same step saved again (e.g. a new run in an old folder): swap, then delete
-        old = root / f".old-{final.name}-{os.getpid()}"
+        old = _temporary(root, "old", final)
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -185,9 +210,27 @@ def read_verified(path: Path) -> tuple[dict, dict[str, bytes]]:
 
 
 def step_dirs(root: Path) -> list[Path]:
-    """Checkpoint folders under root, newest first."""
+    """Checkpoint folders under root, the most recently saved first: by the manifest's sequence number, then by
+    step. Not by step alone: a new run (--resume never, weights_only, --resume an older checkpoint) in a folder
+    that holds later steps of another run saves lower steps, and they are the newest. A folder whose manifest
+    cannot be read comes first, so that resuming reports it as damaged rather than passing it over in silence."""
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+    def newest_first(path: Path) -> tuple[float, int]:
+        number = sequence(path)
+        return (math.inf if number is None else number, int(path.name[5:]))
+
+    return sorted(found, key=newest_first, reverse=True)
+
+
+def sequence(path: Path) -> int | None:
+    """The save's sequence number in its folder (manifest.json): 0 for a checkpoint made before there were any,
+    None when the manifest cannot be read."""
+    try:
+        number = json.loads((path / "manifest.json").read_text()).get("sequence", 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return number if isinstance(number, int) else None
 
 
 def read_state(path: Path, blobs: dict[str, bytes]) -> dict:

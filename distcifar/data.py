@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distcifar.config import DataConfig
-from distcifar.errors import DataError
-from distcifar.files import replaced_atomically
+from distcifar.errors import DataError, one_line
+from distcifar.files import follow_umask, replaced_atomically
 from distcifar.model import memory_format
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -167,12 +168,17 @@ def decoded_split(ds, split_name: str, cfg: DataConfig, num_classes: int) -> Spl
         return _decode(ds, split_name, num_classes)
     cache = _cache_root(cfg) / f"{split_name}-{key}.safetensors"
     if cache.exists():
-        tensors = load_file(cache)
-        return Split(tensors["images"], tensors["labels"])
+        try:
+            tensors = load_file(cache)
+            return Split(tensors["images"], tensors["labels"])
+        except (SafetensorError, OSError, KeyError) as err:  # the cache is disposable: decode again
+            reason = one_line(err, 200)
+            print(f"warning: decoding {split_name} again: its cache {cache} is damaged ({reason})", flush=True)
     split = _decode(ds, split_name, num_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(cache) as temporary:  # a reader sees the whole file or none
         save_file({"images": split.images, "labels": split.labels}, temporary)
+        follow_umask(temporary)
     return split
 
 

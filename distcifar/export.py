@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from distcifar.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from distcifar.errors import PushFailed, PushUnavailable, one_line
+from distcifar.files import follow_umask
 from distcifar.ranks import fail_together, print_once
 
 
@@ -26,6 +27,8 @@ def write_final(model, folder: Path, cfg, summary: dict) -> Path:
     (folder / "README.md").unlink(missing_ok=True)  # save_pretrained keeps an existing card; this run's card wins
     location = cfg.push_to_hub or str(folder)
     model.save_pretrained(folder, config=cfg.model, model_card_kwargs=dict(cfg=cfg, summary=summary, location=location))
+    for weights in folder.glob("*.safetensors"):
+        follow_umask(weights)  # safetensors makes it 0600, unlike config.json and README.md beside it
     return folder
 
 

@@ -1,4 +1,5 @@
-"""Writing files so that a kill at any moment leaves either the old file or the new one, never half of one."""
+"""Writing files so that a kill at any moment leaves either the old file or the new one, never half of one; and
+with the permissions every other file of the run gets."""
 
 from __future__ import annotations
 
@@ -37,3 +38,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give a file the permissions open() would have given it (0666 less the umask). safetensors creates its files
+    0600, readable by their owner only: on a shared filesystem a teammate or an evaluation job under another
+    account could not load the model beside JSON files that anyone may read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere reading it means setting it: set it straight back
+    os.umask(mask)
+    return mask

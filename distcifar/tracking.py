@@ -80,12 +80,42 @@ def _write_run_id(path: Path, run_id: str) -> None:
     write_atomically(path, run_id + "\n")  # a kill mid-write leaves the old file whole
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step`, where a continuing run starts: the rows after it come from an
+    attempt that died before its next checkpoint, and this run logs those steps again (bit-identical on CPU), so
+    the file holds each step once. A line cut off by a kill is dropped too."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get(STEP_KEY), int) and row[STEP_KEY] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_atomically(path, "".join(line + "\n" for line in kept))
+
+
 def class_names(num_classes: int) -> list[str]:
     return list(CLASSES) if num_classes == len(CLASSES) else [f"class{i}" for i in range(num_classes)]
 
 
 class Tracker:
-    def __init__(self, accelerator, cfg: Config, output_dir: Path, run_id: str | None, hardware: dict):
+    def __init__(
+        self,
+        accelerator,
+        cfg: Config,
+        output_dir: Path,
+        run_id: str | None,
+        hardware: dict,
+        start_step: int | None = None,
+    ):
+        """`start_step`: the step this run starts from (train.py); metrics.jsonl rows after it are dropped when the
+        run continues the folder's run (see _drop_rows_after). None: the file is left as it is."""
         self.accelerator = accelerator
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -99,6 +129,8 @@ class Tracker:
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if start_step is not None and self._continues():
+            _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
         self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")  # noqa: SIM115 - open for the run's life
         if self.report_to != "none":
             self._start(hardware)
@@ -117,8 +149,7 @@ class Tracker:
         if not self.is_main:
             return checkpoint_id or env_id or _new_run_id()
         path = self.output_dir / RUN_ID_FILE
-        continues = self.cfg.resume != "never" and not self.cfg.checkpoint.weights_only
-        folder_id = _read_run_id(path) if continues and not checkpoint_id else None
+        folder_id = _read_run_id(path) if self._continues() and not checkpoint_id else None
         run_id = checkpoint_id or folder_id or env_id or _new_run_id()
         if self.report_to == "wandb":
             if env_id and env_id != run_id:
@@ -131,6 +162,10 @@ class Tracker:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_run_id(path, run_id)
         return run_id
+
+    def _continues(self) -> bool:
+        """This run continues the folder's run (a resume, or a restart before the first checkpoint)."""
+        return self.cfg.resume != "never" and not self.cfg.checkpoint.weights_only
 
     def _start(self, hardware: dict) -> None:
         tracking = self.cfg.tracking

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    tracker = tracking.Tracker(accelerator, cfg, out, state.tracker_run_id, hardware(accelerator))
+    tracker = tracking.Tracker(accelerator, cfg, out, state.tracker_run_id, hardware(accelerator), state.step)
     state.tracker_run_id = tracker.run_id
     print_once(
         f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {run_line(cfg, accelerator, training)}"

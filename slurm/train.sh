@@ -22,10 +22,12 @@
 #   VENV            virtual environment folder     else python3 on PATH)
 #   PROCS_PER_NODE  processes per node            (default: SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES,
 #                                                  nvidia-smi -L; 1 without GPUs)
-#   MAX_RESTARTS    self-requeues after SIGUSR1    (default 10; compared with SLURM_RESTART_COUNT)
-#                   (an array task requeues only itself: scontrol requeue <array job id>_<task id>)
+#   MAX_RESTARTS    restarts of the job: self-requeues after SIGUSR1 and restarts of a failed step
+#                   within the allocation, together with Slurm's requeues (SLURM_RESTART_COUNT) (default 10;
+#                   an array task requeues only itself: scontrol requeue <array job id>_<task id>)
 #   MAIN_ADDR       address of the first node      (default: its NodeAddr from scontrol)
-#   MAIN_PORT       rendezvous port                (default 20000 + job id % 10000)
+#   MAIN_PORT       rendezvous port                (default 20000 + job id % 10000; + 1 for each restart of
+#                                                  a failed step within the allocation)
 #   SRUN_WAIT       seconds to wait for the other nodes once one node's task has ended, then
 #                   kill them (a failed node must not leave the others hanging) (default 300)
 #   PROJECT_DIR     project root                   (default: the job's working directory, i.e.
@@ -42,6 +44,10 @@
 # the next step boundary. Under PreemptMode=REQUEUE (or `scontrol requeue JOBID`) Slurm then
 # requeues the job itself and the next start resumes; after scancel, PreemptMode=CANCEL or the
 # time limit the job ends, and a resubmission with the same OUTPUT_DIR resumes.
+#
+# A worker that dies (OOM kill, segfault, a node's task lost) or stops answering fails the step: it is started
+# again in the same allocation and resumes from the newest checkpoint, up to MAX_RESTARTS (never after a usage
+# error); a lost allocation (NODE_FAIL) is requeued by Slurm (--requeue).
 #
 # Exit code (sacct's and scontrol's ExitCode): train.py's own, also through accelerate launch
 # (which reports 1 for any failure): 2 for a usage error, 1 for a failed run.
@@ -137,16 +143,20 @@ fi
 MAIN_PORT=${MAIN_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}
 
 TRAIN_ARGS=(distcifar/train.py --config "$CONFIG" --output_dir "$OUTPUT_DIR" "$@" "${SWEEP_ARGS[@]}")
-if [ "$NPROCS" -gt 1 ]; then
-    # --multi_gpu is also right without CUDA: train.py then runs a gloo MULTI_CPU job.
-    # --machine_rank "$SLURM_NODEID" is added on each node by NODE_SCRIPT.
-    CMD=(multi "$PYTHON" -m accelerate.commands.launch --multi_gpu
-         --num_machines "$NNODES" --num_processes "$NPROCS"
-         --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"
-         --mixed_precision no --dynamo_backend no "${TRAIN_ARGS[@]}")
-else
-    CMD=(single "$PYTHON" "${TRAIN_ARGS[@]}")
-fi
+# The launch command of an attempt; $1 is its rendezvous port (each in-allocation restart takes the next one,
+# so that no restart waits for the dead launcher's port to be free again).
+launch_cmd() {
+    if [ "$NPROCS" -gt 1 ]; then
+        # --multi_gpu is also right without CUDA: train.py then runs a gloo MULTI_CPU job.
+        # --machine_rank "$SLURM_NODEID" is added on each node by NODE_SCRIPT.
+        CMD=(multi "$PYTHON" -m accelerate.commands.launch --multi_gpu
+             --num_machines "$NNODES" --num_processes "$NPROCS"
+             --main_process_ip "$MAIN_ADDR" --main_process_port "$1"
+             --mixed_precision no --dynamo_backend no "${TRAIN_ARGS[@]}")
+    else
+        CMD=(single "$PYTHON" "${TRAIN_ARGS[@]}")
+    fi
+}
 
 log "job $JOB restart $RESTART/$MAX_RESTARTS: $NNODES node(s) [$SLURM_JOB_NODELIST] x $PROCS_PER_NODE proc(s), main $MAIN_ADDR:$MAIN_PORT, output $OUTPUT_DIR"
 log "train.py args: ${TRAIN_ARGS[*]:1}"
@@ -203,9 +213,15 @@ LABEL=()
 # may be bound to one CPU
 SRUN_CPUS=()
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && SRUN_CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-if [ "$REQUEUE" = 1 ]; then
-    RC=143  # SIGUSR1 before training started: just requeue
-else
+# One srun step per attempt. A step that fails while nobody asked the job to stop (a worker killed: OOM, a
+# segfault, a node's task lost; a rank stuck past train.collective_timeout_s) is started again in this
+# allocation, and train.py resumes from the newest checkpoint. Not after a usage error (exit code 2: it would
+# fail again), a stop signal, or once the job has used MAX_RESTARTS restarts (Slurm requeues included). Where
+# the allocation itself is lost (NODE_FAIL), Slurm requeues the job (--requeue) and the next start resumes.
+IN_JOB_RESTARTS=0
+run_step() {
+    launch_cmd $(( MAIN_PORT + IN_JOB_RESTARTS ))
+    : >"$DISTCIFAR_EXIT_CODE_FILE"
     srun --nodes="$NNODES" --ntasks-per-node=1 "${SRUN_CPUS[@]}" --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${LABEL[@]}" \
         bash -c "$NODE_SCRIPT" train-node "${CMD[@]}" &
     SRUN_PID=$!
@@ -219,6 +235,19 @@ else
     if [ "$RC" != 0 ] && [ -s "$DISTCIFAR_EXIT_CODE_FILE" ]; then
         RC=$(head -n1 "$DISTCIFAR_EXIT_CODE_FILE")
     fi
+}
+if [ "$REQUEUE" = 1 ]; then
+    RC=143  # SIGUSR1 before training started: just requeue
+else
+    while run_step; [ "$RC" != 0 ] && [ "$RC" != 2 ] && [ "$STOPPED" = 0 ] && [ "$REQUEUE" = 0 ]; do
+        USED=$(( RESTART + IN_JOB_RESTARTS ))
+        if [ "$USED" -ge "$MAX_RESTARTS" ]; then
+            log "training failed with exit code $RC; restart limit MAX_RESTARTS=$MAX_RESTARTS reached (restarts used: $USED): not restarting"
+            break
+        fi
+        IN_JOB_RESTARTS=$(( IN_JOB_RESTARTS + 1 ))
+        log "training failed with exit code $RC (a worker died or stopped answering): restarting it in this allocation from the newest checkpoint in $OUTPUT_DIR (restart $(( USED + 1 ))/$MAX_RESTARTS, $(( MAX_RESTARTS - USED - 1 )) left)"
+    done
 fi
 
 # Slurm's own requeue (PreemptMode=REQUEUE, scontrol requeue) counts the restart before this
@@ -236,7 +265,7 @@ fi
 if [ "$STOPPED" = 1 ] && requeued_by_slurm; then
     log "training stopped (exit code $RC); Slurm is requeueing job $JOB: its next start resumes from $OUTPUT_DIR"
 elif [ "$REQUEUE" = 1 ]; then
-    if [ "$RESTART" -lt "$MAX_RESTARTS" ]; then
+    if [ $(( RESTART + IN_JOB_RESTARTS )) -lt "$MAX_RESTARTS" ]; then  # in-job restarts count too
         log "training stopped (exit code $RC) after SIGUSR1: requeueing job $JOB (restart $((RESTART + 1))/$MAX_RESTARTS)"
         if scontrol requeue "$JOB"; then
             exit 0
@@ -247,7 +276,9 @@ elif [ "$REQUEUE" = 1 ]; then
     fi
 elif [ "$STOPPED" = 1 ]; then
     log "training stopped after SIGTERM (exit code $RC); not requeued. Resubmit to resume with OUTPUT_DIR=$OUTPUT_DIR"
+elif [ "$RC" = 2 ]; then
+    log "training failed with exit code 2, a usage error: fix the command (see the error above); not restarted"
 else
-    log "training failed with exit code $RC (not requeued)"
+    log "training failed with exit code $RC; not restarted. Resubmit to resume with OUTPUT_DIR=$OUTPUT_DIR"
 fi
 exit "$RC"

@@ -243,6 +243,35 @@ def kill_tree(pid: int, signum: int = 9) -> None:
             process.send_signal(signum)
 
 
+def process_with_env(candidates, **env: str):
+    """The first of `candidates` (psutil processes) whose environment holds every NAME=VALUE of `env`, or None."""
+    import psutil
+
+    for process in candidates:
+        with contextlib.suppress(psutil.Error):
+            environment = process.environ()
+            if all(environment.get(name) == value for name, value in env.items()):
+                return process
+    return None
+
+
+def sigkill_rank_after(process: subprocess.Popen, checkpoint: Path, rank: int, delay_s: float, timeout: float = 300):
+    """Once `checkpoint` (a step folder) is complete, wait `delay_s` and SIGKILL the launched worker of `rank`, as an
+    OOM kill or a segfault would end it; that worker's pid."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while not (checkpoint / "manifest.json").exists():
+        assert process.poll() is None, f"the run ended before {checkpoint.name}"
+        assert time.monotonic() < deadline, f"no {checkpoint.name} after {timeout} s"
+        time.sleep(0.02)
+    time.sleep(delay_s)
+    worker = process_with_env(psutil.Process(process.pid).children(recursive=True), RANK=str(rank))
+    assert worker is not None, f"no worker of rank {rank} under the launcher"
+    worker.send_signal(9)
+    return worker.pid
+
+
 def probe_accelerator(output_dir: str, timeout_s: int = 120):
     """For the probes: the Accelerator train.py would build (runtime.build_accelerator, its own WORLD_SIZE check
     included), fp32, no tracker, with `timeout_s` as the collective timeout."""

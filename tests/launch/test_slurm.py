@@ -14,6 +14,8 @@ pytest, 2 nodes x 1 CPU process, configs/smoke.yaml.
       one sweep folder runs/<name>-<array job id>, its own subfolder, value, both CPUs and as many
       threads per task; one task requeues itself alone after SIGUSR1, the other is requeued by Slurm
       (as under PreemptMode=REQUEUE); both resume from their checkpoint and finish
+  (f) the worker of node 1 SIGKILLed mid-run: the step is restarted within the allocation (no requeue), resumes
+      from the newest checkpoint and the job ends COMPLETED, weights bit-identical to (a)
 
 The test cluster has no accounting (sacct), so exit codes are read from `scontrol show job`, which
 reports the same ExitCode.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, slurm_answers
+from support import REPO, process_with_env, slurm_answers
 
 DATA = os.environ.get("DISTCIFAR_TEST_DATA")
 
@@ -220,6 +222,30 @@ def wait_for_checkpoint(job: str, name: str, out: Path, timeout: float = 300) ->
         assert job_info(job)["JobState"] not in TERMINAL, read_log(name, job)[-4000:]
         assert time.monotonic() < deadline, f"no checkpoint after {timeout:.0f} s"
         time.sleep(0.5)
+
+
+def test_a_killed_node_task_is_restarted_within_the_job_and_finishes_bit_identical(reference_run, tmp_path):
+    import psutil
+    import torch
+
+    out = tmp_path / "run"
+    name = f"distcifar-test-f-{SESSION}"
+    job = submit(name, out, TRAIN_ARGS)
+    wait_for_checkpoint(job, name, out)
+    deadline = time.monotonic() + 60
+    while (worker := process_with_env(psutil.process_iter(), SLURM_JOB_ID=job, RANK="1")) is None:
+        assert time.monotonic() < deadline, "no worker of rank 1 in the job"
+        time.sleep(0.2)
+    worker.send_signal(9)  # node 1's training process, as an OOM kill or a lost node ends it
+    info = wait_for(job, name, timeout=600)
+    log = read_log(name, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]  # within the job, no requeue
+    assert "restarting it in this allocation from the newest checkpoint" in log, log[-4000:]
+    assert "(restart 1/10, 9 left)" in log, log[-4000:]
+    assert re.search(r"resumed from \S*step_\d+ at step [1-9]", log), log[-4000:]
+    ref, got = final_weights(reference_run[0]), final_weights(out)
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
 
 
 def test_plain_scancel_and_the_restart_limit_checkpoint_without_requeue(tmp_path):

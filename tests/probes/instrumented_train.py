@@ -9,14 +9,20 @@ imports it), is wrapped, not replaced:
   PROBE_FAIL_RANK=R PROBE_FAIL_STEP=S
                                    rank R raises RuntimeError after its S-th optimizer step (1-based):
                                    a crash on one rank only
+  PROBE_KILL=1 (with PROBE_FAIL_RANK/STEP)
+                                   instead of raising, that rank SIGKILLs itself after that step (its
+                                   collectives done, before the checkpointer sees the step): an OOM kill
   PROBE_HANG=1 (with PROBE_FAIL_RANK/STEP)
                                    instead of raising, that rank stops answering (sleeps, SIGTERM
                                    included) at that step: a stuck rank rather than a crashed one
+Under torch elastic the crash or hang happens in the first attempt only (TORCHELASTIC_RESTART_COUNT 0): the
+restarted group runs clean, as after a real fault.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,13 +53,15 @@ def main(argv: list[str]) -> None:
             return end_training(self)
 
         Accelerator.end_training = dump_then_end_training
-    if fail_rank is not None:
+    if fail_rank is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         fail_rank, fail_step = int(fail_rank), int(os.environ.get("PROBE_FAIL_STEP", "1"))
         optimizer_steps = train.optimizer_steps
 
         def failing_optimizer_steps(accelerator, *args, **kwargs):
             for count, report in enumerate(optimizer_steps(accelerator, *args, **kwargs), start=1):
                 if accelerator.process_index == fail_rank and count == fail_step:
+                    if os.environ.get("PROBE_KILL"):
+                        os.kill(os.getpid(), signal.SIGKILL)
                     if os.environ.get("PROBE_HANG"):
                         print(
                             f"instrumented_train: rank {fail_rank} stops answering at step {fail_step} "

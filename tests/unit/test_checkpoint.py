@@ -4,7 +4,11 @@ tests/launch/test_checkpoint_runs.py."""
 
 import hashlib
 import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,6 +134,45 @@ def test_keeps_the_last_k_and_leaves_no_temporary_folders(accelerator, tmp_path)
     for step in (1, 2, 3, 4):
         _save(accelerator, tmp_path, step, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_a_new_run_in_a_folder_with_later_steps_keeps_its_own_checkpoints_and_is_the_one_resumed(accelerator, tmp_path):
+    for step in (10, 20, 30):  # an earlier run's checkpoints, later steps than the new run will reach
+        _save(accelerator, tmp_path, step, keep=3)
+    for step in (4, 8):  # the new run (--resume never, or weights_only): each save survives its own pruning
+        _save(accelerator, tmp_path, step, keep=3)
+        assert (tmp_path / f"step_{step:08d}").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008", "step_00000030"]
+    assert _checkpointer(accelerator, tmp_path, Config()).latest() == tmp_path / "step_00000008"
+
+
+def test_checkpoint_files_follow_the_umask(accelerator, tmp_path):
+    old = os.umask(0o027)
+    try:
+        _save(accelerator, tmp_path, 1)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "step_00000001").iterdir()}
+    assert modes == dict.fromkeys(FILES, 0o640)  # safetensors alone would make its files 0600
+
+
+def test_a_later_run_removes_what_killed_saves_left_behind_and_nothing_live(accelerator, tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead_pid = socket.gethostname(), int(dead.stdout)
+    _save(accelerator, tmp_path, 4)
+    leftovers = {
+        "dead here": tmp_path / f".tmp-step_00000008-{host}-{dead_pid}",
+        "swap of a dead save": tmp_path / f".old-step_00000004-{host}-{dead_pid}",
+        "another host's, under this run's lock": tmp_path / f".tmp-step_00000008-node-elsewhere-{os.getpid()}",
+        "alive here": tmp_path / f".tmp-step_00000012-{host}-{os.getpid()}",
+    }
+    for folder in leftovers.values():
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    _checkpointer(accelerator, tmp_path, Config()).resume("never")
+    assert [name for name, folder in leftovers.items() if folder.exists()] == ["alive here"]
+    assert (tmp_path / "step_00000004" / "manifest.json").is_file()
+    assert capsys.readouterr().out.count("left behind by a save that was killed") == 3
 
 
 def test_config_mismatch_names_the_fields(accelerator, tmp_path):

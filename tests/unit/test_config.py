@@ -108,3 +108,17 @@ def test_values_mean_what_a_user_means(tmp_path):
         True,
         False,
     ]
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_output_folder_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys, fresh_accelerate_state, where):
+    from distcifar import train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    output_dir = blocker if where == "a file" else blocker / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--output_dir", str(output_dir), "--tracking.report_to", "none"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot use --output_dir {output_dir}: ") and "\n" not in err, err

@@ -43,6 +43,19 @@ def test_decoded_split_is_cached_by_its_data_files(synthetic_data, tmp_path, mon
     assert torch.equal(first.images, second.images)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_decoded_cache_is_decoded_again(synthetic_data, tmp_path, capsys, damage):
+    cfg = DataConfig(path=str(synthetic_data), cache_dir=str(tmp_path))
+    first, _, _ = load_splits(cfg)
+    cache = next(tmp_path.glob("train-*.safetensors"))
+    content = cache.read_bytes()
+    cache.write_bytes({"truncated": content[: len(content) // 2], "garbage": b"\x07" * 64, "empty": b""}[damage])
+    second, _, _ = load_splits(cfg)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert f"decoding train again: its cache {cache} is damaged" in capsys.readouterr().out
+    assert cache.read_bytes() == content  # written whole again
+
+
 def test_the_decoded_cache_follows_the_data_when_it_changes_in_place(tmp_path):
     """A save_to_disk folder rewritten with other labels (same path, same file sizes) is decoded again."""
     import datasets

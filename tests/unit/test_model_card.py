@@ -1,10 +1,12 @@
 """The model card in the pytest process: the card of a model saved outside a training run, and the lines a run's
 config and summary give it (typed-in values). The cards of real runs are in tests/launch/test_export.py."""
 
+import os
+
 from huggingface_hub import ModelCard
 
 from distcifar.config import Config
-from distcifar.export import model_card
+from distcifar.export import model_card, write_final
 from distcifar.model import DistCifarNet
 from support import TINY_MODEL_CONFIG
 
@@ -44,3 +46,11 @@ def test_the_card_of_a_run_states_its_schedule_batch_precision_and_training_time
     run_line = "- **Run**: 40 optimizer steps (2.5 epochs) on 4 process(es), mixed precision bf16, 123 s of training."
     assert run_line in text
     assert "457" not in text  # the wall time is not training time
+def test_the_export_follows_the_umask_like_its_json_and_card(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_final(DistCifarNet(TINY_MODEL_CONFIG), tmp_path / "final", Config(model=TINY_MODEL_CONFIG), None)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "final").iterdir()}
+    assert modes == {"config.json": 0o640, "README.md": 0o640, "model.safetensors": 0o640}  # not 0600

@@ -189,6 +189,25 @@ def test_resumed_run_keeps_the_id_and_steps_continue(tmp_path, offline_wandb, mo
     assert [row["step"] for row in read_metrics(output_dir)] == [10, 20, 20, 30, 40, 40]
 
 
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_a_restart_drops_the_rows_its_dead_attempt_logged_after_the_checkpoint(tmp_path, resume):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    rows = [json.dumps({"step": step, "train/loss": 1.0}) for step in range(1, 9)]
+    (output_dir / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 9, "train/lo')  # cut off by the kill
+    cfg = make_config("none", plots=False)
+    cfg.resume = resume
+    accelerator = Accelerator(cpu=True)
+    tracker = Tracker(accelerator, cfg, output_dir, None, HARDWARE, start_step=6)  # resumed from step 6
+    tracker.log({"train/loss": 0.5}, step=7)
+    tracker.finish()
+    logged = (output_dir / "metrics.jsonl").read_text()
+    if resume == "auto":  # the same run again: steps 7 and 8 are logged anew, once
+        assert [row["step"] for row in read_metrics(output_dir)] == [1, 2, 3, 4, 5, 6, 7]
+    else:  # --resume never starts another run: the file is left as it was, and appended to
+        assert logged.startswith("\n".join(rows)) and logged.endswith('{"step": 7, "train/loss": 0.5}\n')
+
+
 def test_the_run_id_is_kept_in_the_output_folder_from_the_start(tmp_path, offline_wandb, model, monkeypatch, capsys):
     output_dir, id_file = tmp_path / "run", tmp_path / "run" / RUN_ID_FILE
 
