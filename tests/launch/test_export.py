@@ -99,6 +99,7 @@ def test_the_model_card_describes_the_model_its_training_and_its_results(pushed_
         assert f"| {name} | {accuracy:.2%} |" in text
     assert "- **Optimizer**: Adam, peak learning rate 0.003" in text
     assert "- **Run**: 16 optimizer steps (2 epochs) on 1 process(es)" in text
+    assert f"- **Compute**: {summary['train_flops_per_image'] / 1e9:.3g} GFLOP per training image (forward" in text
 
     recipe = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     (out.parent / "recipe.yaml").write_text(recipe)
