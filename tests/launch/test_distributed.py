@@ -749,6 +749,11 @@ def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
         row["step"]: row["train/rank_weight_max_diff"] for row in run.metrics() if "train/rank_weight_max_diff" in row
     }
     assert diffs == {step: 0.0 for step in range(1, STEPS + 1)}, f"{diffs}\n{run.describe()}"
+    # two processes: TFLOP/s are of both together, as images/s are (and so is the peak they are a share of)
+    summary, flops = run.summary(), run.summary()["train_flops_per_image"]
+    for row in run.train_rows():
+        assert row["train/tflops"] == pytest.approx(row["train/images_per_second"] * flops / 1e12, rel=1e-9)
+        assert row["train/mfu"] == pytest.approx(row["train/tflops"] / summary["peak_tflops"], rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
