@@ -29,9 +29,7 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
     precision = resolve_precision(cfg.train.mixed_precision, on_gpu)
     if precision == "fp16" and not on_gpu:
         raise UsageError("train.mixed_precision fp16 needs a GPU (Accelerate ignores it on CPU); use bf16 or no")
-    # Every batch has the same shape, so cuDNN's one-time search for the fastest kernels pays off (the
-    # kernels it picks may differ between runs: bit-identical results are a CPU promise only).
-    torch.backends.cudnn.benchmark = on_gpu
+    set_determinism(cfg.train.deterministic, on_gpu)
     collective_timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     # Under torch elastic the process group is built here, on a store of this attempt's own (a restarted group
     # must not read the dead one's keys); Accelerate then finds it initialised. On CPU with MPI available,
@@ -61,3 +59,22 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
         )
     check_ddp_options(accelerator, cfg)
     return accelerator
+
+
+# cuBLAS picks its reduction order by workspace unless it has a fixed one: the setting PyTorch's reproducibility notes
+# give for torch.use_deterministic_algorithms on CUDA 10.2 and later (a GPU run without it stops with an error).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_determinism(deterministic: bool, on_gpu: bool) -> None:
+    """train.deterministic, set both ways (the process may have set it before).
+
+    Off: every batch has the same shape, so on a GPU cuDNN's one-time search for the fastest kernels pays off; the
+    kernels it picks, and some atomics-based ones, may differ from run to run. On: no search, deterministic kernels
+    only (an operation that has none raises an error naming itself), and the fixed cuBLAS workspace they need, set
+    before the first cuBLAS call. A CPU's kernels are deterministic either way."""
+    torch.backends.cudnn.benchmark = on_gpu and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)

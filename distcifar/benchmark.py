@@ -20,7 +20,11 @@ It measures
             evaluation, no checkpoints;
   3. data:  TrainBatches.epoch alone, every micro-batch augmented and consumed, no model;
   4. checkpoint save and load with Checkpointer (to a temporary folder);
-  5. startup: seconds from the start of this process to the first optimizer step, and to its end.
+  5. startup: seconds from the start of this process to the first optimizer step, and to its end;
+  6. utilisation: the training FLOPs per image (utilization.train_flops_per_image, PyTorch's FlopCounterMode),
+            the TFLOP/s of (1) and (2), and their share of the peak: on a CPU a 2048x2048 matmul in the run's
+            precision timed in turns with (1) and (2), each run's steps against its own matmuls; on a GPU the
+            published dense peak of utilization.GPU_PEAKS (unknown for a GPU not in it).
 
 (1) and (2) take turns (step by step on a CPU, run by run on a GPU) so that the load of other jobs
 hits both alike; each figure is the median over --repeats timed runs of --steps optimizer steps,
@@ -86,6 +90,7 @@ from distcifar.hardware import hardware, wait_for_device
 from distcifar.model import DistCifarNet, memory_format, uncompiled
 from distcifar.optim import build_optimizer
 from distcifar.ranks import end_run, fail_together, print_once, rank_weight_spread
+from distcifar.utilization import MATMUL_FLOPS, MATMUL_SIZE, matmuls, peak_memory_gb
 
 # Tiny settings for --quick (CI): the network, batch and data shrink; explicit overrides still win.
 QUICK_OVERRIDES = [
@@ -286,7 +291,8 @@ class Startup:
 
 @dataclasses.dataclass
 class StepTimes:
-    """Images/s and CPU seconds per step of each loop, one entry per timed run ("bare", "loop", "nosync")."""
+    """Images/s and CPU seconds per step of each loop, one entry per timed run ("bare", "loop", "nosync"); on a CPU
+    also "peak": TFLOP/s of the matmuls timed in turns with them."""
 
     runs: dict[str, list[float]]
     nosync_skips_all_reduce: bool | None  # checked under N > 1 processes
@@ -375,6 +381,9 @@ def time_steps(bench: Bench) -> StepTimes:
     keeps its own queue full)."""
     args, accelerator, device = bench.args, bench.accelerator, bench.accelerator.device
     loops = {"bare": bare_steps(bench), "loop": bench.loop}
+    if device.type == "cpu":  # the CPU's peak, under the same load as the steps (a GPU's is published)
+        loops["peak"] = matmuls(bench.training.compute.precision)
+        timed(loops["peak"], 1, device)
     timed(loops["bare"], args.warmup, device)
     timed(loops["loop"], args.warmup, device)
     skips_all_reduce, hook_active = None, None
@@ -402,10 +411,12 @@ def time_steps(bench: Bench) -> StepTimes:
                 spent[name][0] += wall
                 spent[name][1] += cpu
         for name, (wall, cpu) in spent.items():
-            runs[name].append(args.steps * images_per_step / wall)
+            work = MATMUL_FLOPS / 1e12 if name == "peak" else images_per_step  # TFLOP/s, else images/s
+            runs[name].append(args.steps * work / wall)
             runs[f"{name}_cpu"].append(cpu / args.steps)
-        runs_now = ", ".join(f"{name} {runs[name][-1]:.1f}" for name in loops)
-        print_once(f"  run {repeat + 1}/{args.repeats}: {runs_now} images/s per process")
+        runs_now = ", ".join(f"{name} {runs[name][-1]:.1f}" for name in loops if name != "peak")
+        peak = f", the CPU's matmul {runs['peak'][-1]:.3f} TFLOP/s" if "peak" in loops else ""
+        print_once(f"  run {repeat + 1}/{args.repeats}: {runs_now} images/s per process{peak}")
     return StepTimes(runs, skips_all_reduce, hook_active)
 
 
@@ -535,6 +546,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_average.append(os.getloadavg()[0])
 
     runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]  # paired: same load
+    flops = bench.training.compute.flops_per_image
+    if "peak" in runs:  # each run's steps against the matmuls timed in turns with them (paired: the same load)
+        for name in ("bare", "loop"):
+            runs[f"{name}_mfu"] = [ips * flops / 1e12 / peak for ips, peak in zip(runs[name], runs["peak"])]
     if world > 1:  # 1 - t_nosync / t_sync, run by run
         runs["communication_share"] = [1 - loop / nosync for loop, nosync in zip(runs["loop"], runs["nosync"])]
     median = {name: statistics.median(values) for name, values in runs.items()}
@@ -543,6 +558,7 @@ def main(argv: list[str] | None = None) -> dict:
         **dataclasses.asdict(startup),
         **describe(bench, load_average),
         **scaling_figures(bench, median, steps, baseline, allreduce_seconds),
+        **utilization_figures(bench, median),
         "prediction": None,
         "runs": runs,
     }
@@ -585,6 +601,35 @@ def speed_figures(
         "checkpoint_load_seconds": median["checkpoint_load"],
         "checkpoint_megabytes": checkpoints.megabytes,
     }
+
+
+def utilization_figures(bench: Bench, median: dict[str, float]) -> dict:
+    """(6) per process: FLOPs per image, the TFLOP/s of (1) and (2), the peak and their share of it (None where the
+    peak is not known), and the most memory this process has held."""
+    compute, device, world = bench.training.compute, bench.accelerator.device, bench.accelerator.num_processes
+    figures = {
+        "train_flops_per_image": compute.flops_per_image,
+        "compute_precision": compute.precision,
+        "bare_tflops": compute.tflops(median["bare"]),
+        "loop_tflops": compute.tflops(median["loop"]),
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+    if "peak" in median:  # a CPU: measured in turns with the steps
+        figures.update(
+            peak_tflops=median["peak"],
+            peak_source=f"{compute.precision} {MATMUL_SIZE}x{MATMUL_SIZE} matmul, timed in turns with the steps",
+            bare_mfu=median["bare_mfu"],
+            loop_mfu=median["loop_mfu"],
+        )
+    else:
+        peak = compute.peak_tflops / world if compute.peak_tflops else None
+        figures.update(
+            peak_tflops=peak,
+            peak_source=compute.peak_source,
+            bare_mfu=figures["bare_tflops"] / peak if peak else None,
+            loop_mfu=figures["loop_tflops"] / peak if peak else None,
+        )
+    return figures
 
 
 def comm_hook_active(ddp_model) -> bool | None:
@@ -681,6 +726,27 @@ def _rows(r: dict) -> list[tuple[str, str, str]]:
         cpu = f"{r['bare_cpu_seconds_per_step']:.2f} vs {r['loop_cpu_seconds_per_step']:.2f} CPU s/step"
         rows.append(("loop / bare in CPU time", f"{r['loop_vs_bare_cpu_ratio']:.3f}", cpu))
     rows.append(("data / loop", f"{r['data_vs_step_ratio']:.1f}", ""))
+    rows.append(
+        (
+            "6. training FLOPs per image",
+            f"{r['train_flops_per_image'] / 1e9:.3g} GFLOP",
+            "forward + backward, as FlopCounterMode counts them",
+        )
+    )
+    if r["peak_tflops"] is None:
+        rows.append(("   peak", "unknown", r["peak_source"]))
+        return rows
+    peak_runs = f"runs {_spread(runs['peak'], '.3f')}; " if "peak" in runs else ""
+    rows.append(("   peak", f"{r['peak_tflops']:.3g} TFLOP/s", f"{peak_runs}{r['peak_source']}"))
+    for name, label in (("bare", "1."), ("loop", "2.")):
+        spread = f"run by run {_spread(runs[name + '_mfu'], '.1%')}" if name + "_mfu" in runs else ""
+        rows.append(
+            (
+                f"   utilisation of {label}",
+                f"{r[name + '_mfu']:.1%}",
+                f"{r[name + '_tflops']:.3g} TFLOP/s" + (f"; {spread}" if spread else ""),
+            )
+        )
     return rows
 
 

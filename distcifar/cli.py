@@ -1,7 +1,7 @@
 """The command-line parser every entry point shares (jsonargparse), each of its errors one UsageError line.
 
-YAML values are read as YAML 1.2 does: `1e-3` is a number, and only true/false are booleans (`no` stays a
-string). How a UsageError becomes exit code 2 is in errors.py.
+YAML values are read as YAML 1.2 does: `1e-3` is a number, only true/false are booleans (`no` stays a string),
+and `3:5` is a string. How a UsageError becomes exit code 2 is in errors.py.
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """YAML 1.2's core schema where 1.1 surprises: `1e-3` is a float, only true/false are booleans."""
+    """YAML 1.2's core schema where 1.1 surprises: `1e-3` is a float, only true/false are booleans, and integers are
+    plain digits (1.1 reads `3:5` as the base-60 number 185)."""
 
 
+_YAML11_SURPRISES = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
-    ]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_SURPRISES]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# before the float resolver, which also matches plain digits: the first match wins
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -37,7 +39,6 @@ _Yaml12Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 set_loader("yaml12", lambda text: yaml.load(text, Loader=_Yaml12Loader), exceptions=(yaml.YAMLError,))
 
 

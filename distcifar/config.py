@@ -12,6 +12,7 @@ before any heavy work starts. How values are read (YAML 1.2) is said in cli.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,8 +80,8 @@ class DataConfig:
     path: str | None = None
     """Local copy: a folder of parquet files, one file, or a save_to_disk folder."""
     cache_dir: str | None = None
-    """Where decoded uint8 tensors are kept (default $DISTCIFAR_CACHE, else $XDG_CACHE_HOME/distcifar, else
-    ~/.cache/distcifar)."""
+    """Where decoded uint8 tensors (and each network's FLOP count) are kept (default $DISTCIFAR_CACHE, else
+    $XDG_CACHE_HOME/distcifar, else ~/.cache/distcifar)."""
     train_limit: int = 0
     """Use the first N training rows (0 = all)."""
     eval_limit: int = 0
@@ -158,6 +159,15 @@ class TrainConfig:
     """Test-time augmentation: evaluate each image and its mirror image, and average their logits."""
     collective_timeout_s: int = 300
     """A rank that stops answering ends the job after this many seconds."""
+    deterministic: bool = False
+    """Deterministic kernels only: cuDNN's kernel search off, torch.use_deterministic_algorithms on (with the cuBLAS
+    workspace setting it needs). A GPU run is then bit-identical from run to run, at a cost in speed; a CPU run is
+    bit-identical either way."""
+    profile_steps: str | None = None
+    """A:B records optimizer steps A to B (the first step is 1; B included) with torch.profiler: a trace for
+    Perfetto or TensorBoard in OUTPUT_DIR/profile/ and a table of the top operators."""
+    profile_all_ranks: bool = False
+    """With profile_steps: a trace from every process (default: the main process only)."""
 
     def __post_init__(self):
         for name in (
@@ -172,10 +182,22 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(
+            self.profile_steps is None or self.profile_window is not None,
+            f"train.profile_steps must be A:B with 1 <= A <= B (optimizer steps, e.g. 3:5), got {self.profile_steps!r}",
+        )
+        _check(
             self.batch_size % self.grad_accum_steps == 0,
             f"train.batch_size ({self.batch_size}) must be divisible by "
             f"train.grad_accum_steps ({self.grad_accum_steps})",
         )
+
+    @property
+    def profile_window(self) -> tuple[int, int] | None:
+        """train.profile_steps as (first, last) optimizer step, None when it is not set or not of the form A:B."""
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.profile_steps or ""))
+        if not match or not 1 <= int(match[1]) <= int(match[2]):
+            return None
+        return int(match[1]), int(match[2])
 
 
 @dataclass

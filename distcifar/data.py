@@ -139,7 +139,7 @@ def _decode(ds, split_name: str, num_classes: int) -> Split:
     return Split(images.to(torch.uint8).contiguous(), labels)
 
 
-def _cache_root(cfg: DataConfig) -> Path:
+def cache_root(cfg: DataConfig) -> Path:
     """--data.cache_dir, else $DISTCIFAR_CACHE, else $XDG_CACHE_HOME/distcifar, else ~/.cache/distcifar."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
@@ -166,7 +166,7 @@ def decoded_split(ds, split_name: str, cfg: DataConfig, num_classes: int) -> Spl
     key = _cache_key(ds, num_classes)
     if key is None:
         return _decode(ds, split_name, num_classes)
-    cache = _cache_root(cfg) / f"{split_name}-{key}.safetensors"
+    cache = cache_root(cfg) / f"{split_name}-{key}.safetensors"
     if cache.exists():
         try:
             tensors = load_file(cache)

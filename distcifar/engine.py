@@ -19,6 +19,7 @@ from distcifar.model import DistCifarNet, memory_format, uncompiled
 from distcifar.optim import build_optimizer, build_scheduler
 from distcifar.ranks import fail_together, max_over_ranks, rank_weight_spread
 from distcifar.state import RunState, StepReport
+from distcifar.utilization import Compute, for_run, peak_memory_gb
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Training:
     batches: TrainBatches
     total_steps: int  # of the whole run: epochs x steps per epoch, or train.max_steps
     eval_loader: torch.utils.data.DataLoader  # prepared: each rank evaluates its shard
+    compute: Compute  # FLOPs per image and the hardware's peak: train/tflops, train/mfu
 
 
 def _eval_loader(cfg: Config, split: Split) -> torch.utils.data.DataLoader:
@@ -45,7 +47,8 @@ def prepare_for_evaluation(cfg: Config, accelerator, model: torch.nn.Module, spl
 
 
 def build_training(cfg: Config, accelerator, train: Split, evaluation: Split) -> Training:
-    """The seed network (cfg.model), its optimizer, schedule, batches and eval loader, prepared."""
+    """The seed network (cfg.model), its optimizer, schedule, batches and eval loader, prepared; its FLOPs per image
+    and the hardware's peak (on a CPU measured now, by every process at once)."""
     model = DistCifarNet(cfg.model)
     if cfg.train.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type == "cpu":
@@ -76,7 +79,7 @@ def build_training(cfg: Config, accelerator, train: Split, evaluation: Split) ->
     if cfg.train.compile:
         model = torch.compile(model)
     total_steps = min(total_steps, cfg.train.max_steps or total_steps)
-    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader)
+    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader, for_run(cfg, accelerator))
 
 
 def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, want_grad_norm: bool):
@@ -170,18 +173,33 @@ def optimizer_steps(
         state.wall_seconds = wall_before + now - started
         if logging_step:
             images_per_second = window.steps * cfg.train.batch_size / (state.train_seconds - window.opened)
-            report.metrics["train/images_per_second"] = images_per_second
-            report.metrics["train/images_per_second_per_process"] = images_per_second / accelerator.num_processes
+            report.metrics.update(_rates(images_per_second, accelerator.num_processes, training.compute))
             tracker.log(report.metrics, step=state.step)
             window.reopen(state.train_seconds)
-        if epoch_end:
-            epoch = state.step / batches.steps_per_epoch
-            tracker.log(
-                {"train/epoch_seconds": state.train_seconds - epoch_started, "train/epoch": epoch}, step=state.step
-            )
+        if epoch_end:  # the peak memory is the allocator's (or the kernel's) count: reading it waits for nothing
+            report.peak_memory_gb = max_over_ranks(accelerator, peak_memory_gb(accelerator.device))[0]
+            epoch_row = {
+                "train/epoch_seconds": state.train_seconds - epoch_started,
+                "train/epoch": state.step / batches.steps_per_epoch,
+                "system/peak_memory_gb": report.peak_memory_gb,
+            }
+            tracker.log(epoch_row, step=state.step)
             epoch_started = state.train_seconds
         yield report
         resumed = time.monotonic()
+
+
+def _rates(images_per_second: float, processes: int, compute: Compute) -> dict:
+    """The throughput figures of a log row: images/s (all processes, and per process), TFLOP/s achieved (all
+    processes) and, where the peak is known, the utilisation of it."""
+    rates = {
+        "train/images_per_second": images_per_second,
+        "train/images_per_second_per_process": images_per_second / processes,
+        "train/tflops": compute.tflops(images_per_second),
+    }
+    if compute.peak_tflops:
+        rates["train/mfu"] = compute.utilization(images_per_second)
+    return rates
 
 
 def _step_metrics(

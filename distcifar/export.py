@@ -174,6 +174,10 @@ def _training(cfg, summary: dict | None) -> str:
             f"{summary['num_processes']} process(es), mixed precision {summary['mixed_precision']}, "
             f"{summary['train_seconds']:.0f} s of training."
         )
+        lines.append(
+            f"- **Compute**: {summary['train_flops_per_image'] / 1e9:.3g} GFLOP per training image (forward + "
+            "backward, as `torch.utils.flop_counter.FlopCounterMode` counts them: convolutions and matrix products)."
+        )
     config = yaml.dump(cfg.to_dict(), Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False).strip()
     lines += [
         "",

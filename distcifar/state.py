@@ -24,3 +24,4 @@ class StepReport:
     metrics: dict | None = None  # on logging steps: the row just logged
     stop_signal: int = 0  # a SIGTERM/SIGINT/SIGUSR1 on any rank, agreed by all
     save_timer_due: bool = False  # checkpoint.every_minutes has passed on some rank, agreed by all
+    peak_memory_gb: float | None = None  # at epoch ends: the most memory any process has held so far

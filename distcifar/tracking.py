@@ -1,8 +1,8 @@
 """Experiment tracking: W&B or TensorBoard through Accelerate, plus files in the output folder.
 
 Only the main process tracks; on other ranks every Tracker method returns at once. Every logged
-row carries the optimizer step as `step`, and its metrics are named `train/...`, `eval/...` or
-`experts/...`, the same in metrics.jsonl, W&B and TensorBoard. Whatever
+row carries the optimizer step as `step`, and its metrics are named `train/...`, `eval/...`,
+`experts/...` or `system/...`, the same in metrics.jsonl, W&B and TensorBoard. Whatever
 the tracker (also none), the main process appends each logged row to OUTPUT_DIR/metrics.jsonl,
 keeps the latest confusion matrix in OUTPUT_DIR/confusion.json and, with tracking.plots,
 redraws OUTPUT_DIR/curves.png and confusion.png after each evaluation (in a background

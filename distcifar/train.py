@@ -10,6 +10,7 @@ a checkpoint at the next optimizer step and exits with 128 + the signal number.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -22,7 +23,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from distcifar import export, tracking
+from distcifar import export, profiling, tracking
 from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import Config, parse_config
@@ -32,9 +33,10 @@ from distcifar.errors import entry_point
 from distcifar.hardware import hardware
 from distcifar.lock import OutputLock
 from distcifar.model import memory_format
-from distcifar.ranks import end_run, print_once
+from distcifar.ranks import end_run, max_over_ranks, print_once
 from distcifar.signals import StopRequest
 from distcifar.state import RunState
+from distcifar.utilization import peak_memory_gb
 
 GPU_COMMAND = "accelerate launch --config_file launch/gpu.yaml distcifar/train.py --config configs/default.yaml"
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     tracker = tracking.Tracker(accelerator, cfg, out, state.tracker_run_id, hardware(accelerator), state.step)
     state.tracker_run_id = tracker.run_id
     print_once(
-        f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {run_line(cfg, accelerator, training)}"
+        f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {run_line(cfg, accelerator, training)}\n"
+        f"{training.compute.describe()} | {determinism_line(cfg, accelerator)}"
     )
 
     # Train: evaluate at epoch ends and at the end; the checkpointer decides when to save ----------
@@ -69,18 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = Evaluation(accelerator, cfg, training, tracker, eval_split.head(32), eval_name)
     result, exit_signal = None, 0
     progress = Progress(accelerator, training.total_steps, state.step)
-    for report in optimizer_steps(
-        accelerator, training, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints
-    ):
-        progress.show(report, state.step)
-        eval_accuracy = None
-        if evaluation.due(state.step):
-            result = evaluation.run(state)
-            eval_accuracy = result["eval_accuracy"]
-        checkpoints.save_if_due(report, eval_accuracy)
-        if report.stop_signal:
-            exit_signal = report.stop_signal
-            break
+    steps = optimizer_steps(accelerator, training, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints)
+    with contextlib.closing(profiling.profiled(steps, cfg, state, accelerator, out)) as steps:  # --train.profile_steps
+        for report in steps:
+            progress.show(report, state.step)
+            eval_accuracy = None
+            if evaluation.due(state.step):
+                result = evaluation.run(state, peak_memory_gb=report.peak_memory_gb)
+                eval_accuracy = result["eval_accuracy"]
+            checkpoints.save_if_due(report, eval_accuracy)
+            if report.stop_signal:
+                exit_signal = report.stop_signal
+                break
     progress.close()
 
     if exit_signal:
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if result is None:  # resumed from a finished run: nothing trained, evaluate once
         result = evaluation.run(state, log=False)
-    summary = summarize(cfg, accelerator, training.batches.steps_per_epoch, start, state, result)
+    summary = summarize(cfg, accelerator, training, start, state, result)
     finish(cfg, accelerator, training, tracker, summary)
 
 
@@ -114,6 +117,23 @@ def finish(cfg: Config, accelerator, training: Training, tracker, summary: dict)
     )
     export.push(accelerator, out / "final", cfg)  # after everything is on disk: a failed upload loses nothing
     end_run(accelerator)
+
+
+def determinism_line(cfg: Config, accelerator) -> str:
+    """What train.deterministic is and what it costs here."""
+    on_gpu = accelerator.device.type == "cuda"
+    if not cfg.train.deterministic:
+        return "deterministic off" + (
+            " (cuDNN's kernel search on: fastest, not bit-identical from run to run)"
+            if on_gpu
+            else " (a CPU run is bit-identical anyway)"
+        )
+    if on_gpu:
+        return (
+            "deterministic on: cuDNN's kernel search off and deterministic kernels only, bit-identical from run to run "
+            "but slower (by how much on this GPU: not measured yet; compare images/s with a run without it)"
+        )
+    return "deterministic on (on a CPU it changes no result; its cost here: docs/performance.md)"
 
 
 def run_line(cfg: Config, accelerator, training: Training) -> str:
@@ -149,9 +169,11 @@ class Progress:
             return
         self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.2e}")
         if not self.interactive:
+            utilization = f" ({metrics['train/mfu']:.1%} of peak)" if "train/mfu" in metrics else ""
             print_once(
                 f"step {step}/{self.total_steps} epoch {metrics['train/epoch']:.2f} loss {metrics['train/loss']:.4f} "
-                f"lr {metrics['train/lr']:.3e} {metrics['train/images_per_second']:.0f} images/s"
+                f"lr {metrics['train/lr']:.3e} {metrics['train/images_per_second']:.0f} images/s "
+                f"{metrics['train/tflops']:.3g} TFLOP/s{utilization}"
             )
 
     def close(self) -> None:
@@ -170,7 +192,8 @@ class Evaluation:
         epochs, position = divmod(step, self.training.batches.steps_per_epoch)
         return step == self.training.total_steps or (position == 0 and epochs % self.cfg.train.eval_every_epochs == 0)
 
-    def run(self, state: RunState, log: bool = True) -> dict:
+    def run(self, state: RunState, log: bool = True, peak_memory_gb: float | None = None) -> dict:
+        """Evaluate; with `log`, log and print the result (with the peak memory so far, when given)."""
         accelerator, training = self.accelerator, self.training
         result = evaluate(
             accelerator,
@@ -189,17 +212,21 @@ class Evaluation:
         self.tracker.log_eval(
             result, step=state.step, model=model, sample_images=self.sample.images, sample_labels=self.sample.labels
         )
+        memory = f" | peak memory {peak_memory_gb:.2f} GB" if peak_memory_gb is not None else ""
         print_once(
             f"epoch {result['epoch']:g}: {self.eval_name} accuracy {result['eval_accuracy']:.4f}, "
-            f"loss {result['eval_loss']:.4f}"
+            f"loss {result['eval_loss']:.4f}{memory}"
         )
         return result
 
 
-def summarize(cfg: Config, accelerator, steps_per_epoch: int, start: RunState, state: RunState, result: dict) -> dict:
-    """summary.json: the final evaluation and what the run took (images/s: this attempt's, from `start`)."""
+def summarize(cfg: Config, accelerator, training: Training, start: RunState, state: RunState, result: dict) -> dict:
+    """summary.json: the final evaluation and what the run took (images/s, TFLOP/s and utilisation: this attempt's,
+    from `start`; peak memory: the most any process has held). Collective: call on every rank."""
     trained_seconds = state.train_seconds - start.train_seconds
     trained_images = (state.step - start.step) * cfg.train.batch_size
+    images_per_second = trained_images / trained_seconds if trained_seconds else None
+    compute = training.compute
     return {
         "test_accuracy": result["eval_accuracy"],
         "test_loss": result["eval_loss"],
@@ -207,8 +234,15 @@ def summarize(cfg: Config, accelerator, steps_per_epoch: int, start: RunState, s
         "eval_split": result["eval_split"],
         "per_class_accuracy": result["per_class_accuracy"],
         "global_step": state.step,
-        "epochs": state.step / steps_per_epoch,
-        "images_per_second": trained_images / trained_seconds if trained_seconds else None,
+        "epochs": state.step / training.batches.steps_per_epoch,
+        "images_per_second": images_per_second,
+        "train_flops_per_image": compute.flops_per_image,
+        "tflops": compute.tflops(images_per_second) if images_per_second else None,
+        "mfu": compute.utilization(images_per_second) if images_per_second else None,
+        "peak_tflops": compute.peak_tflops,
+        "peak_source": compute.peak_source,
+        "compute_precision": compute.precision,
+        "peak_memory_gb": max_over_ranks(accelerator, peak_memory_gb(accelerator.device))[0],
         "train_seconds": state.train_seconds,
         "wall_seconds": state.wall_seconds,
         "num_processes": accelerator.num_processes,

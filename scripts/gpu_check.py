@@ -81,7 +81,7 @@ class Check:
         self.out.mkdir(parents=True, exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "-", self.device_name.lower()).strip("-")
         self.prefix = f"{datetime.date.today().isoformat()}-{slug}"
-        self.log = open(self.out / f"{self.prefix}-log.txt", "a")
+        self.log = open(self.out / f"{self.prefix}-log.txt", "a")  # noqa: SIM115 - open for the check's life
         self.data = ["--data.path", args.data] if args.data else []
 
     def left(self) -> float:
@@ -142,8 +142,9 @@ class Check:
         self.write(name, result)
         self.say(
             f"{name}: bare {result['bare_images_per_second']:.0f} images/s, train.py's step "
-            f"{result['loop_images_per_second']:.0f} images/s (x{result['loop_vs_bare_ratio']:.3f} of bare), "
-            f"data pipeline x{result['data_vs_step_ratio']:.1f} the step"
+            f"{result['loop_images_per_second']:.0f} images/s (x{result['loop_vs_bare_ratio']:.3f} of bare, "
+            + (f"{result['loop_mfu']:.1%} of the peak" if result["loop_mfu"] is not None else "peak unknown")
+            + f"), data pipeline x{result['data_vs_step_ratio']:.1f} the step"
         )
         return result
 
@@ -188,7 +189,7 @@ class Check:
         self.say(
             f"{name}: test accuracy {result['test_accuracy']} after {len(result['epochs'])} evaluations "
             f"({result.get('test_accuracy_hflip')} with mirror test-time augmentation), "
-            f"{'93% after %.1f s of training' % reached if reached is not None else '93% not reached'}"
+            + (f"93% after {reached:.1f} s of training" if reached is not None else "93% not reached")
         )
         return result
 
@@ -262,6 +263,9 @@ def training_result(run_dir: Path) -> dict:
         "test_accuracy": summary.get("test_accuracy"),  # final, on every test image
         "seconds_to_93": reached,  # training seconds (no evaluations) until the test accuracy first reached 0.93
         "images_per_second": summary.get("images_per_second"),  # training steps only, all processes
+        "tflops": summary.get("tflops"),  # achieved, all processes
+        "mfu": summary.get("mfu"),  # of the published peak (None for a GPU not in utilization.GPU_PEAKS)
+        "peak_memory_gb": summary.get("peak_memory_gb"),
         "train_seconds": summary.get("train_seconds"),
         "wall_seconds": summary.get("wall_seconds"),
         "mixed_precision": summary.get("mixed_precision"),

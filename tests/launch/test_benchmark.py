@@ -30,6 +30,13 @@ POSITIVE = [
     "num_threads",
     "batch_size",
     "repetitions",
+    "train_flops_per_image",
+    "bare_tflops",
+    "loop_tflops",
+    "peak_tflops",
+    "bare_mfu",
+    "loop_mfu",
+    "peak_memory_gb",
 ]
 
 
@@ -55,6 +62,26 @@ def test_quick_benchmark_writes_all_figures(tmp_path):
     assert figures["quick"] is True
     assert len(figures["runs"]["bare"]) == len(figures["runs"]["loop"]) == figures["repetitions"]
     assert "loop / bare" in result.stdout  # the table is printed
+    # utilisation: FlopCounterMode's count (tests/unit/test_utilization.py checks it against the hand count), the
+    # steps' TFLOP/s from their images/s, and on a CPU each run's share of the matmul peak timed in turns with it
+    from distcifar.config import ModelConfig
+    from distcifar.utilization import train_flops_per_image
+
+    tiny = ModelConfig(block_channels=[8, 8, 16, 16, 32, 32], classifier_hidden=[32])  # --quick's network
+    assert figures["train_flops_per_image"] == train_flops_per_image(tiny)
+    runs = figures["runs"]
+    for name in ("bare", "loop"):
+        tflops = figures[f"{name}_images_per_second"] * figures["train_flops_per_image"] / 1e12
+        assert figures[f"{name}_tflops"] == tflops
+        if figures["device"] == "cpu":
+            assert len(runs["peak"]) == figures["repetitions"] and figures["peak_tflops"] == statistics.median(
+                runs["peak"]
+            )
+            paired = [
+                ips * figures["train_flops_per_image"] / 1e12 / peak for ips, peak in zip(runs[name], runs["peak"])
+            ]
+            assert runs[f"{name}_mfu"] == paired and figures[f"{name}_mfu"] == statistics.median(paired)
+    assert "6. training FLOPs per image" in result.stdout and "utilisation of 2." in result.stdout
     left = list(scratch.glob("distcifar-bench-*"))  # (torch may leave caches of its own in TMPDIR)
     assert not left, f"the benchmark's temporary folder (tracker files, checkpoints) was left behind: {left}"
 

@@ -533,9 +533,11 @@ def test_only_the_main_process_writes_files_and_prints(name, request):
     progress = [int(m) for line in lines_with(run.stdout, r"^step \d+/\d+ ") for m in re.findall(r"^step (\d+)/", line)]
     assert progress == list(range(1, STEPS + 1)), run.describe()
     assert not lines_with(run.stderr, r"^train:\s+\d+%"), "a progress bar although the output is not a terminal"
-    # the decoded data cache: prepared once (main process first), one file per split, no leftovers
+    # the decoded data cache: prepared once (main process first), one file per split, and the network's FLOP count
+    # once (the main process counts), no leftovers
     cache = sorted(p.name for p in run.cache_dir.iterdir())
-    assert len(cache) == 2 and all(re.fullmatch(r"(train|test)-[0-9a-f]+\.safetensors", f) for f in cache), cache
+    assert len(cache) == 3 and re.fullmatch(r"flops-[0-9a-f]+\.json", cache[0]), cache
+    assert all(re.fullmatch(r"(train|test)-[0-9a-f]+\.safetensors", f) for f in cache[1:]), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,7 +775,7 @@ def test_ddp_options_that_cannot_run_are_refused_with_what_to_use_instead(ddp_op
 
 def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
     """The options through train.py itself: fp16 compression, gradients as bucket views, small buckets
-    and accumulation 2 (so DDP's no_sync is in play)."""
+    and accumulation 2 (so DDP's no_sync is in play). The same run profiles step 3 on every rank."""
     run = train_run(
         lab,
         "ddp_train",
@@ -787,15 +789,31 @@ def test_train_py_with_ddp_options_keeps_ranks_identical_at_every_step(lab):
             "0.05",
             "--train.grad_accum_steps",
             "2",
+            "--train.profile_steps",
+            "3:3",
+            "--train.profile_all_ranks",
+            "true",
         ],
     )
     assert run.returncode == 0, run.describe()
+    # train.profile_all_ranks: a trace from each rank, each of step 3 with its share of the gradient all-reduce
+    traces = sorted((run.output_dir / "profile").glob("*.pt.trace.json"))
+    assert [t.name for t in traces] == ["rank0.steps_3-3.pt.trace.json", "rank1.steps_3-3.pt.trace.json"]
+    for trace in traces:
+        names = {event["name"] for event in json.loads(trace.read_text())["traceEvents"]}
+        assert "optimizer step 3" in names and "gloo:all_reduce" in names, trace
+    assert len(lines_with(run.stdout, r"^profile of steps 3-3: ")) == 1, run.describe()  # printed by rank 0 only
     assert run.summary()["global_step"] == STEPS
     assert json.loads((run.output_dir / "config.json").read_text())["ddp"]["comm_hook"] == "fp16"
     diffs = {
         row["step"]: row["train/rank_weight_max_diff"] for row in run.metrics() if "train/rank_weight_max_diff" in row
     }
     assert diffs == {step: 0.0 for step in range(1, STEPS + 1)}, f"{diffs}\n{run.describe()}"
+    # two processes: TFLOP/s are of both together, as images/s are (and so is the peak they are a share of)
+    summary, flops = run.summary(), run.summary()["train_flops_per_image"]
+    for row in run.train_rows():
+        assert row["train/tflops"] == pytest.approx(row["train/images_per_second"] * flops / 1e12, rel=1e-9)
+        assert row["train/mfu"] == pytest.approx(row["train/tflops"] / summary["peak_tflops"], rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def test_the_model_card_describes_the_model_its_training_and_its_results(pushed_
         f"{summary['train_seconds']:.0f} s of training." in text
     )
     assert f"), {summary['mixed_precision']} | global batch 32" in trained.stdout  # the precision it trained in
+    assert f"- **Compute**: {summary['train_flops_per_image'] / 1e9:.3g} GFLOP per training image (forward" in text
 
     recipe = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     (out.parent / "recipe.yaml").write_text(recipe)

@@ -11,10 +11,15 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from support import REPO, launch_command, read_metrics, run, start, train_args
+from support import REPO, TINY_MODEL_CONFIG, launch_command, read_metrics, read_offline_run, run, start, train_args
 
 SUMMARY_KEYS = {
     "test_accuracy",
+    "train_flops_per_image",
+    "tflops",
+    "mfu",
+    "peak_tflops",
+    "peak_memory_gb",
     "test_loss",
     "eval_samples",
     "global_step",
@@ -29,10 +34,14 @@ SUMMARY_KEYS = {
 
 def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic_data):
     out = tmp_path / "run"
-    result = run(launch_command(1) + train_args(out, synthetic_data, "--train.epochs", "3"))
+    result = run(
+        launch_command(1) + train_args(out, synthetic_data, "--train.epochs", "3", "--train.profile_steps", "10:11")
+    )
     assert "global batch 32 = 32 per device x 1 processes x 1 accumulation steps" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= SUMMARY_KEYS
+    _check_compute_figures(result.stdout, summary, read_metrics(out))
+    _check_profile(out, result.stdout, first=10, last=11)
     assert summary["eval_samples"] == 101 and summary["global_step"] == 24 and summary["num_processes"] == 1
     losses = [m["train/loss"] for m in read_metrics(out) if "train/loss" in m]
     assert len(losses) == 24
@@ -45,16 +54,71 @@ def test_smoke_run_through_accelerate_launch_lowers_the_loss(tmp_path, synthetic
     assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == 32
 
 
+def _check_compute_figures(stdout: str, summary: dict, rows: list[dict]) -> None:
+    """FLOPs per image, TFLOP/s and utilisation in the header, the log lines and summary.json, and the peak memory
+    at each epoch end; each figure consistent with the images/s it comes from."""
+    flops = summary["train_flops_per_image"]
+    header = re.search(
+        r"([\d.]+) GFLOP per training image .* \| peak ([\d.]+) TFLOP/s \(fp32 .*matmul measured", stdout
+    )
+    assert header and float(header[1]) == pytest.approx(flops / 1e9, rel=1e-2), stdout[:2000]
+    assert float(header[2]) == pytest.approx(summary["peak_tflops"], rel=1e-2)
+    assert summary["tflops"] == pytest.approx(summary["images_per_second"] * flops / 1e12, rel=1e-9)
+    assert summary["mfu"] == pytest.approx(summary["tflops"] / summary["peak_tflops"], rel=1e-9)
+    lines = re.findall(r"^step \d+/\d+ .* ([\d.]+) images/s ([\d.e-]+) TFLOP/s \(([\d.]+)% of peak\)$", stdout, re.M)
+    logged = [row for row in rows if "train/loss" in row]
+    assert len(lines) == len(logged)
+    for (images, tflops, percent), row in zip(lines, logged):
+        assert float(images) == pytest.approx(row["train/images_per_second"], abs=0.5)
+        assert float(tflops) == pytest.approx(row["train/tflops"], rel=1e-2, abs=1e-6)
+        assert row["train/tflops"] == pytest.approx(row["train/images_per_second"] * flops / 1e12, rel=1e-9)
+        assert float(percent) == pytest.approx(100 * row["train/mfu"], abs=0.06)
+    memory = [row["system/peak_memory_gb"] for row in rows if "system/peak_memory_gb" in row]
+    assert len(memory) == summary["epochs"] and 0.1 < memory[0] <= memory[-1] <= summary["peak_memory_gb"]
+    printed = re.findall(r"^epoch \d+: test accuracy .* \| peak memory ([\d.]+) GB$", stdout, re.M)
+    assert [float(m) for m in printed] == pytest.approx(memory, abs=0.006)
+
+
+def _check_profile(out, stdout: str, first: int, last: int) -> None:
+    """The trace parses, marks exactly the requested optimizer steps, and holds convolutions from those steps only:
+    every one of the tiny network's convolutions, forward and backward, once per recorded step."""
+    trace = out / "profile" / f"rank0.steps_{first}-{last}.pt.trace.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events if e["name"].startswith("optimizer step ")}
+    assert sorted(steps) == [f"optimizer step {n}" for n in range(first, last + 1)]
+    convolutions = [e for e in events if e.get("cat") == "cpu_op" and "convolution" in e["name"]]
+    assert all(
+        any(start <= e["ts"] <= e["ts"] + e["dur"] <= end for start, end in steps.values()) for e in convolutions
+    )
+    blocks = TINY_MODEL_CONFIG.block_convs
+    per_step = 2 + sum(blocks) + len(blocks)  # the stem's 2, the blocks' convs, their 1x1 skips
+    for name in ("aten::convolution", "aten::convolution_backward"):
+        assert sum(e["name"] == name for e in convolutions) == per_step * (last - first + 1), name
+    assert "aten::convolution_backward" in (trace.parent / f"rank0.steps_{first}-{last}.top_operators.txt").read_text()
+    assert f"profile of steps {first}-{last}: {trace}" in stdout and "Self CPU time total" in stdout
+
+
 def test_same_seed_same_result_bit_for_bit_and_logging_every_4_steps_logs_their_mean(tmp_path, synthetic_data):
-    # Two runs of one seed, the second logging every 4 steps (the default cadence's code path, not every step's): the
-    # same weights bit for bit (logging changes nothing), and each of its rows is the mean of the first run's 4.
+    # Two runs of one seed, the second logging every 4 steps (the default cadence's code path, not every step's) and
+    # with train.deterministic (on a CPU it changes no result; on a GPU it is what makes runs repeat): the same
+    # weights bit for bit, and each of the second run's rows is the mean of the first run's 4.
     finals = []
-    for name, log_every in (("a", "1"), ("b", "4")):
+    for name, log_every, deterministic in (("a", "1", "false"), ("b", "4", "true")):
         out = tmp_path / name
-        run(
+        result = run(
             launch_command(1, launcher="python")
-            + train_args(out, synthetic_data, "--train.epochs", "1", "--train.log_every", log_every)
+            + train_args(
+                out,
+                synthetic_data,
+                "--train.epochs",
+                "1",
+                "--train.log_every",
+                log_every,
+                "--train.deterministic",
+                deterministic,
+            )
         )
+        assert f"deterministic {'on' if deterministic == 'true' else 'off'}" in result.stdout
         finals.append((load_file(out / "final" / "model.safetensors"), read_metrics(out)))
     (weights_a, metrics_a), (weights_b, metrics_b) = finals
     assert weights_a.keys() == weights_b.keys()
@@ -324,3 +388,11 @@ def test_the_wandb_run_id_is_carried_through_a_real_resume(tmp_path, synthetic_d
     assert json.loads((out / "summary.json").read_text())["tracker_run_id"] == run_id
     files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # two attempts, one W&B run
+    # the throughput and memory figures reach W&B under the names metrics.jsonl has
+    history = read_offline_run(files[-1], wait_s=20)["history"]
+    logged = {}
+    for row in read_metrics(out):  # a step's rows (its log row, its epoch row) in one
+        logged.setdefault(row["step"], {}).update(row)
+    for key in ("train/tflops", "train/mfu", "system/peak_memory_gb"):
+        steps = [step for step, row in history.items() if key in row]
+        assert steps and all(history[step][key] == pytest.approx(logged[step][key]) for step in steps), key

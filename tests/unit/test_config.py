@@ -86,6 +86,9 @@ def test_seed_recipe_is_the_coursework():
         (["--model.dropout", "1.0"], "model.dropout must be in"),
         (["--train.epochs"], "train.epochs"),
         (["stray"], "stray"),
+        (["--train.profile_steps", "5:3"], "train.profile_steps must be A:B with 1 <= A <= B"),
+        (["--train.profile_steps", "0:2"], "train.profile_steps must be A:B"),
+        (["--train.profile_steps", "4"], "train.profile_steps must be A:B"),
     ],
 )
 def test_bad_config_is_one_clear_error(argv, message):
@@ -98,10 +101,13 @@ def test_values_mean_what_a_user_means(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "optim:\n  lr: 1e-3\n  weight_decay: 5e-4\ntrain:\n  mixed_precision: no\n  channels_last: false\n"
+        "  profile_steps: 3:5\n  epochs: 12\n"
     )
     cfg = load_config(["--config", str(recipe), "--tracking.run_name", "2024", "--tracking.group", "no"])
     assert (cfg.optim.lr, cfg.optim.weight_decay) == (0.001, 0.0005)
     assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is False
+    assert cfg.train.profile_steps == "3:5" and cfg.train.profile_window == (3, 5)  # YAML 1.1: the number 185
+    assert cfg.train.epochs == 12
     assert cfg.tracking.run_name == "2024" and cfg.tracking.group == "no"
     assert load_config(["--optim.lr", "1e-3", "--train.mixed_precision", "no"]).optim.lr == 0.001
     assert load_config(["--model.block_halve", "[true,false,true,false,true,false]"]).model.block_halve[:2] == [

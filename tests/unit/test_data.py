@@ -82,10 +82,10 @@ def test_the_decoded_cache_lives_where_the_conventions_say(synthetic_data, tmp_p
     assert len(list((tmp_path / "xdg" / "distcifar").glob("*.safetensors"))) == 2
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data._cache_root(DataConfig()) == tmp_path / "home" / ".cache" / "distcifar"
+    assert data.cache_root(DataConfig()) == tmp_path / "home" / ".cache" / "distcifar"
     monkeypatch.setenv("DISTCIFAR_CACHE", str(tmp_path / "mine"))
-    assert data._cache_root(DataConfig()) == tmp_path / "mine"
-    assert data._cache_root(DataConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    assert data.cache_root(DataConfig()) == tmp_path / "mine"
+    assert data.cache_root(DataConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
 
 
 def test_save_to_disk_folder_limits_and_validation_split(synthetic_data, tmp_path):

@@ -21,6 +21,7 @@ from distcifar.data import Split, normalize
 from distcifar.engine import build_training, evaluate, optimizer_steps, train_step
 from distcifar.hardware import resolve_precision
 from distcifar.state import RunState, StepReport
+from distcifar.utilization import train_flops_per_image
 from support import TINY_MODEL_CONFIG
 
 
@@ -324,6 +325,39 @@ def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path,
     epochs = [row["train/epoch_seconds"] for row in rows if "train/epoch_seconds" in row]
     assert len(epochs) == 2 and sum(epochs) == pytest.approx(state.train_seconds)
     assert all(epoch < 4 * pause for epoch in epochs)  # each epoch's 4 pauses are left out
+
+
+def test_log_rows_carry_tflops_and_utilisation_and_epoch_rows_the_peak_memory(tmp_path, fresh_accelerate_state):
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=2)
+    compute = parts.compute
+    assert compute.flops_per_image == train_flops_per_image(TINY_MODEL_CONFIG) and compute.precision == "fp32"
+    assert compute.peak_tflops > 0 and "matmul measured at start" in compute.peak_source  # a CPU: measured
+    state = RunState()
+    memory = [
+        report.peak_memory_gb
+        for report in optimizer_steps(
+            accelerator,
+            parts,
+            cfg,
+            state,
+            tracker=tracker,
+            stop=None,
+            checkpoints=_schedule_only(accelerator, cfg.checkpoint),
+        )
+    ]
+    tracker.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "train/loss" in row]
+    assert [row["step"] for row in logged] == [2, 4, 6, 8]
+    for row in logged:
+        tflops = row["train/images_per_second"] * compute.flops_per_image / 1e12
+        assert row["train/tflops"] == pytest.approx(tflops, rel=1e-12)
+        assert row["train/mfu"] == pytest.approx(tflops / compute.peak_tflops, rel=1e-12)
+    epochs = [row for row in rows if "train/epoch_seconds" in row]
+    assert [row["step"] for row in epochs] == [4, 8]
+    assert [row["system/peak_memory_gb"] for row in epochs] == [memory[3], memory[7]]
+    assert memory[3] > 0.1 and memory[7] >= memory[3]  # this process's peak so far (torch alone holds more)
+    assert memory[:3] == [None] * 3  # read at epoch ends only
 
 
 def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accelerator):

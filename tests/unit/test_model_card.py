@@ -46,6 +46,8 @@ def test_the_card_of_a_run_states_its_schedule_batch_precision_and_training_time
     run_line = "- **Run**: 40 optimizer steps (2.5 epochs) on 4 process(es), mixed precision bf16, 123 s of training."
     assert run_line in text
     assert "457" not in text  # the wall time is not training time
+
+
 def test_the_export_follows_the_umask_like_its_json_and_card(tmp_path):
     old = os.umask(0o027)
     try:
