@@ -15,6 +15,8 @@ class RunState:
     train_seconds: float = 0.0  # time spent taking optimizer steps over all attempts (no evaluations, no saves)
     best_accuracy: float | None = None
     tracker_run_id: str | None = None
+    target_step: int | None = None  # the step whose evaluation first reached train.stop_at_accuracy
+    target_train_seconds: float | None = None  # train_seconds at that step: the run's own time to the target
 
 
 @dataclass
@@ -24,3 +26,4 @@ class StepReport:
     metrics: dict | None = None  # on logging steps: the row just logged
     stop_signal: int = 0  # a SIGTERM/SIGINT/SIGUSR1 on any rank, agreed by all
     save_timer_due: bool = False  # checkpoint.every_minutes has passed on some rank, agreed by all
+    target_reached: bool = False  # set by the driver: this step's evaluation reached train.stop_at_accuracy on all

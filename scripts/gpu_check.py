@@ -81,7 +81,7 @@ class Check:
         self.out.mkdir(parents=True, exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "-", self.device_name.lower()).strip("-")
         self.prefix = f"{datetime.date.today().isoformat()}-{slug}"
-        self.log = open(self.out / f"{self.prefix}-log.txt", "a")
+        self.log = open(self.out / f"{self.prefix}-log.txt", "a")  # noqa: SIM115 - open for the check's life
         self.data = ["--data.path", args.data] if args.data else []
 
     def left(self) -> float:
@@ -188,7 +188,7 @@ class Check:
         self.say(
             f"{name}: test accuracy {result['test_accuracy']} after {len(result['epochs'])} evaluations "
             f"({result.get('test_accuracy_hflip')} with mirror test-time augmentation), "
-            f"{'93% after %.1f s of training' % reached if reached is not None else '93% not reached'}"
+            f"{f'93% after {reached:.1f} s of training' if reached is not None else '93% not reached'}"
         )
         return result
 
@@ -256,11 +256,15 @@ def training_result(run_dir: Path) -> dict:
         if "eval/accuracy" in r
     ]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    reached = next((e["train_seconds"] for e in evaluations if e["test_accuracy"] >= TARGET), None)
+    reached = next((e for e in evaluations if e["test_accuracy"] >= TARGET), None)
     return {
         "finished": bool(summary),
+        "model_parameters": summary.get("model_parameters"),
+        "git_commit": summary.get("git_commit"),
         "test_accuracy": summary.get("test_accuracy"),  # final, on every test image
-        "seconds_to_93": reached,  # training seconds (no evaluations) until the test accuracy first reached 0.93
+        # training seconds (no evaluations) and epochs until the test accuracy first reached 0.93
+        "seconds_to_93": reached["train_seconds"] if reached else None,
+        "epochs_to_93": reached["epoch"] if reached else None,
         "images_per_second": summary.get("images_per_second"),  # training steps only, all processes
         "train_seconds": summary.get("train_seconds"),
         "wall_seconds": summary.get("wall_seconds"),
