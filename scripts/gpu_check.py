@@ -251,6 +251,7 @@ def training_result(run_dir: Path) -> dict:
             "test_accuracy": r["eval/accuracy"],
             "test_loss": r["eval/loss"],
             "train_seconds": r["train/seconds"],
+            "raw_test_accuracy": r.get("eval/raw_accuracy"),  # train.ema_decay: the training weights' own
         }
         for r in rows
         if "eval/accuracy" in r
@@ -261,7 +262,8 @@ def training_result(run_dir: Path) -> dict:
         "finished": bool(summary),
         "model_parameters": summary.get("model_parameters"),
         "git_commit": summary.get("git_commit"),
-        "test_accuracy": summary.get("test_accuracy"),  # final, on every test image
+        "test_accuracy": summary.get("test_accuracy"),  # final, on every test image (the weight average's, with one)
+        "test_accuracy_raw": summary.get("test_accuracy_raw"),  # train.ema_decay: the training weights' own
         # training seconds (no evaluations) and epochs until the test accuracy first reached 0.93
         "seconds_to_93": reached["train_seconds"] if reached else None,
         "epochs_to_93": reached["epoch"] if reached else None,

@@ -1,5 +1,6 @@
-"""Checkpoints with real processes: an exact resume after SIGKILL (1 and 2 processes, with accumulation), a
-resume on another number of processes, SIGTERM to the whole job, and the exported model through evaluate.py.
+"""Checkpoints with real processes: an exact resume after SIGKILL (1 and 2 processes, with accumulation, with the
+weight average), a resume on another number of processes, SIGTERM to the whole job, and the exported model through
+evaluate.py.
 The in-process checkpoint tests are in tests/unit/test_checkpoint.py."""
 
 import json
