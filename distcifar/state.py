@@ -15,7 +15,8 @@ class RunState:
     train_seconds: float = 0.0  # time spent taking optimizer steps over all attempts (no evaluations, no saves)
     best_accuracy: float | None = None
     tracker_run_id: str | None = None
-    target_step: int | None = None  # the step whose evaluation first reached train.stop_at_accuracy
+    target_accuracy: float | None = None  # the train.stop_at_accuracy that target_step and target_train_seconds are of
+    target_step: int | None = None  # the step whose evaluation first reached it
     target_train_seconds: float | None = None  # train_seconds at that step: the run's own time to the target
 
 

@@ -222,8 +222,12 @@ class Evaluation:
         if not target:
             return False
         reached = bool(max_over_ranks(self.accelerator, result["eval_accuracy"] >= target)[0])
-        if reached and state.target_step is None:
-            state.target_step, state.target_train_seconds = state.step, state.train_seconds
+        if reached and state.target_accuracy != target:  # the first evaluation to reach this target
+            state.target_accuracy, state.target_step, state.target_train_seconds = (
+                target,
+                state.step,
+                state.train_seconds,
+            )
             print_once(
                 f"reached train.stop_at_accuracy {target:.2%} at epoch {result['epoch']:g} (step {state.step}, "
                 f"{state.train_seconds:.0f} s of training): stopping"
@@ -279,18 +283,18 @@ def _average_summary(cfg: Config, result: dict) -> dict:
 
 def _target_summary(cfg: Config, state: RunState, steps_per_epoch: int) -> dict:
     """With train.stop_at_accuracy: whether the run reached it and, measured by the run itself, after how many
-    training seconds (no evaluations, no saves), optimizer steps and epochs (null when it never did, or did before
-    the target was set)."""
+    training seconds (no evaluations, no saves), optimizer steps and epochs (null when it never did, or when it did
+    before this target was set: its checkpoints then record no time to it)."""
     target = cfg.train.stop_at_accuracy
     if not target:
         return {}
-    step = state.target_step
+    timed = state.target_accuracy == target
     return {
         "stop_at_accuracy": target,
         "target_reached": (state.best_accuracy or 0.0) >= target,
-        "seconds_to_target": state.target_train_seconds,
-        "steps_to_target": step,
-        "epochs_to_target": None if step is None else step / steps_per_epoch,
+        "seconds_to_target": state.target_train_seconds if timed else None,
+        "steps_to_target": state.target_step if timed else None,
+        "epochs_to_target": state.target_step / steps_per_epoch if timed else None,
     }
 
 

@@ -313,3 +313,43 @@ def test_evaluations_fall_at_the_step_nearest_each_multiple_of_eval_every_epochs
     training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=195), total_steps=800)
     evaluation = Evaluation(None, cfg, training, None, None, "test")
     assert [step for step in range(1, 801) if evaluation.due(step)] == expected
+
+
+def test_the_time_to_a_target_is_the_first_evaluation_reaching_it_and_belongs_to_that_target(fresh_accelerate_state):
+    from distcifar.train import Evaluation, _target_summary
+
+    cfg = Config()
+    cfg.train.stop_at_accuracy = 0.5
+    training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=10), total_steps=100)
+    evaluation = Evaluation(Accelerator(cpu=True), cfg, training, None, None, "test")
+    state = RunState()
+
+    def evaluated(step: int, accuracy: float) -> bool:  # an evaluation at `step`, after step / 10 s of training
+        state.step, state.train_seconds = step, step / 10
+        state.best_accuracy = max(state.best_accuracy or 0.0, accuracy)
+        return evaluation.reached_target({"eval_accuracy": accuracy, "epoch": step / 10}, state)
+
+    assert [evaluated(10, 0.4), evaluated(20, 0.55), evaluated(30, 0.6)] == [False, True, True]
+    reached = {"stop_at_accuracy": 0.5, "target_reached": True}
+    assert _target_summary(cfg, state, 10) == {
+        **reached,
+        "seconds_to_target": 2.0,
+        "steps_to_target": 20,
+        "epochs_to_target": 2.0,
+    }
+    # resumed with a higher target: not reached yet, and no time to it until an evaluation reaches it
+    cfg.train.stop_at_accuracy = 0.7
+    assert not evaluation.target_reached_before(state)
+    assert _target_summary(cfg, state, 10)["target_reached"] is False
+    assert _target_summary(cfg, state, 10)["seconds_to_target"] is None
+    assert evaluated(40, 0.72) and _target_summary(cfg, state, 10)["steps_to_target"] == 40
+    # resumed with a lower target than one reached: nothing left to train, but its time was never measured
+    cfg.train.stop_at_accuracy = 0.6
+    assert evaluation.target_reached_before(state)
+    assert _target_summary(cfg, state, 10) == {
+        "stop_at_accuracy": 0.6,
+        "target_reached": True,
+        "seconds_to_target": None,
+        "steps_to_target": None,
+        "epochs_to_target": None,
+    }
