@@ -157,9 +157,8 @@ def optimizer_steps(
     drain). state.train_seconds counts the time spent in here, not what the driver does between steps
     (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued."""
     model, scheduler, batches, ema = training.model, training.scheduler, training.batches, training.ema
-    trained = (
-        accelerator.unwrap_model(model, keep_torch_compile=False) if ema is not None else None
-    )  # what the average follows
+    # the network the average follows: the training weights inside any DDP or torch.compile wrapper
+    trained = accelerator.unwrap_model(model, keep_torch_compile=False) if ema is not None else None
     until = training.total_steps if until is None else until
     check_every = 1 if accelerator.device.type == "cpu" else 10
     started, wall_before = time.monotonic(), state.wall_seconds

@@ -204,14 +204,14 @@ class Evaluation:
         self.tracker.log_eval(
             result, step=state.step, model=model, sample_images=self.sample.images, sample_labels=self.sample.labels
         )
-        raw = (
+        beside = (
             f" (training weights without the average: {result['raw_accuracy']:.4f}, loss {result['raw_loss']:.4f})"
             if "raw_accuracy" in result
             else ""
         )
         print_once(
             f"epoch {result['epoch']:g}: {self.eval_name} accuracy {result['eval_accuracy']:.4f}, "
-            f"loss {result['eval_loss']:.4f}{raw}"
+            f"loss {result['eval_loss']:.4f}{beside}"
         )
         return result
 
@@ -223,11 +223,8 @@ class Evaluation:
             return False
         reached = bool(max_over_ranks(self.accelerator, result["eval_accuracy"] >= target)[0])
         if reached and state.target_accuracy != target:  # the first evaluation to reach this target
-            state.target_accuracy, state.target_step, state.target_train_seconds = (
-                target,
-                state.step,
-                state.train_seconds,
-            )
+            state.target_accuracy, state.target_step = target, state.step
+            state.target_train_seconds = state.train_seconds
             print_once(
                 f"reached train.stop_at_accuracy {target:.2%} at epoch {result['epoch']:g} (step {state.step}, "
                 f"{state.train_seconds:.0f} s of training): stopping"
