@@ -51,12 +51,14 @@ class Checkpointer:
         scheduler,
         steps_per_epoch: int,
         total_steps: int,
+        ema=None,
     ):
         self.accelerator = accelerator
         self.root = Path(root)
         self.cfg = cfg
         self.run_config = run_config  # the resolved Config as a dict: stored, and checked on resume
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.ema = ema  # the run's AveragedModel (train.ema_decay), or None
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.state = RunState()
         self.saved_step, self.saved_at = -1, time.monotonic()
@@ -74,6 +76,7 @@ class Checkpointer:
             scheduler=training.scheduler,
             steps_per_epoch=training.batches.steps_per_epoch,
             total_steps=training.total_steps,
+            ema=training.ema,
         )
 
     # -- when ------------------------------------------------------------------------------------
@@ -84,14 +87,15 @@ class Checkpointer:
         return minutes > 0 and time.monotonic() - self.saved_at >= minutes * 60
 
     def due(self, report: StepReport) -> bool:
-        """Whether to save after the step just taken: at epoch ends, at the end, every checkpoint.every_steps, on a
-        stop signal or the timer, never twice at one step. The same answer on every rank (every input is agreed or
-        a function of the step)."""
+        """Whether to save after the step just taken: at epoch ends, at the end (the last step, or the evaluation
+        that reached train.stop_at_accuracy), every checkpoint.every_steps, on a stop signal or the timer, never twice
+        at one step. The same answer on every rank (every input is agreed or a function of the step)."""
         step = self.state.step
         if step == self.saved_step:
             return False
         epoch_end, last, every = step % self.steps_per_epoch == 0, step == self.total_steps, self.cfg.every_steps
-        return bool(report.stop_signal or report.save_timer_due or epoch_end or last or (every and step % every == 0))
+        stop = report.stop_signal or report.save_timer_due or report.target_reached
+        return bool(stop or epoch_end or last or (every and step % every == 0))
 
     def save_if_due(self, report: StepReport, eval_accuracy: float | None = None) -> Path | None:
         """Save when `due`; the one call a training loop makes after each step. Collective."""
@@ -130,6 +134,10 @@ class Checkpointer:
             "optimizer.safetensors": {k: v.cpu() for k, v in optimizer_tensors.items()},
             "rng.safetensors": {f"rank{r}.{name}": t[r].contiguous() for name, t in rng.items() for r in range(len(t))},
         }
+        if self.ema is not None:  # the AveragedModel whole: its network ("module.*") and its counter "n_averaged"
+            tensor_files["ema.safetensors"] = {
+                k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()
+            }
         state = {
             "run_state": dataclasses.asdict(self.state),
             "world_size": acc.num_processes,
@@ -256,6 +264,7 @@ class Checkpointer:
         if weights_only:
             return state
         files.restore_optimizer(self.optimizer, load(blobs["optimizer.safetensors"]), saved["optimizer"])
+        self._load_average(path, blobs)
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.accelerator.scaler is not None and saved.get("scaler"):
             self.accelerator.scaler.load_state_dict(saved["scaler"])
@@ -266,6 +275,19 @@ class Checkpointer:
         else:  # a different world size cannot continue each rank's RNG stream; derive a fresh one
             torch.manual_seed(self.run_config["train"]["seed"] * 7919 + state.step * 31 + rank)
         return state
+
+    def _load_average(self, path: Path, blobs: dict[str, bytes]) -> None:
+        """Restore the weight average (train.ema_decay) from ema.safetensors. A checkpoint without one (made with the
+        average off) starts it afresh: its first update copies the resumed weights. Without train.ema_decay the file
+        is left unread."""
+        if self.ema is None:
+            return
+        if "ema.safetensors" in blobs:
+            files.load_fitting(path, self.ema, load(blobs["ema.safetensors"]), "ema.safetensors")
+            return
+        self.ema.n_averaged.zero_()
+        if self.accelerator.is_main_process:
+            print(f"{path} holds no weight average: train.ema_decay starts it from the resumed weights", flush=True)
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:

@@ -4,6 +4,8 @@ OUTPUT_DIR/checkpoints/step_00001234/
     model.safetensors      model weights and buffers
     optimizer.safetensors  every per-parameter optimizer tensor ("state.<param index>.<name>")
     rng.safetensors        RNG states of every process ("rank<r>.torch", ".cuda", ".numpy", ".python")
+    ema.safetensors        with train.ema_decay only: the weight average ("module.<name>" as in model.safetensors,
+                           and its update counter "n_averaged")
     state.json             run state (step, wall time, best accuracy, tracker run id), world size,
                            resolved config, optimizer hyper-parameters, scheduler, grad scaler
     manifest.json          size and sha256 of each file above, and the save's sequence number; written last
@@ -244,12 +246,15 @@ def read_state(path: Path, blobs: dict[str, bytes]) -> dict:
     return saved
 
 
-def load_fitting(path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load `tensors` into `model`, or raise CheckpointError naming the first tensor that does not fit."""
+def load_fitting(
+    path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], file: str = "model.safetensors"
+) -> None:
+    """Load `tensors` (read from `file`) into `model`, or raise CheckpointError naming the first tensor that does
+    not fit."""
     expected = model.state_dict()
     for name, tensor in expected.items():
         if name not in tensors:
-            raise CheckpointError(f"{path}: model.safetensors has no tensor '{name}' (a checkpoint of another model?)")
+            raise CheckpointError(f"{path}: {file} has no tensor '{name}' (a checkpoint of another model?)")
         if tensors[name].shape != tensor.shape:
             raise CheckpointError(
                 f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, the model expects "
@@ -257,5 +262,5 @@ def load_fitting(path, model: torch.nn.Module, tensors: dict[str, torch.Tensor])
             )
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{path}: model.safetensors has a tensor '{unexpected[0]}' that the model does not have")
+        raise CheckpointError(f"{path}: {file} has a tensor '{unexpected[0]}' that the model does not have")
     model.load_state_dict(tensors)

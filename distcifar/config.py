@@ -70,7 +70,7 @@ class ModelConfig:
         _check(self.num_classes > 1, f"model.num_classes must be > 1, got {self.num_classes}")
 
 
-Augmentation = Literal["crop", "hflip", "vflip", "rotate", "color_jitter"]
+Augmentation = Literal["crop", "hflip", "vflip", "rotate", "color_jitter", "cutout"]
 
 
 @dataclass
@@ -96,10 +96,14 @@ class DataConfig:
     """Largest rotation either way (augment: rotate)."""
     color_jitter: float = 0.2
     """Brightness, contrast and saturation factors are drawn from 1 +- this (augment: color_jitter)."""
+    cutout_size: int = 12
+    """Side of the square set to the dataset mean (0 after normalisation), centred anywhere in the image and cut
+    off at its edges (augment: cutout)."""
 
     def __post_init__(self):
         for name in ("train_limit", "eval_limit", "val_size", "crop_padding"):
             _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
+        _check(0 < self.cutout_size <= 32, f"data.cutout_size must be in 1..32, got {self.cutout_size}")
 
 
 @dataclass
@@ -154,9 +158,18 @@ class TrainConfig:
     """Stop after this many optimizer steps (0 = run all epochs)."""
     log_every: int = 50
     """Optimizer steps between log lines (each one costs a host sync)."""
-    eval_every_epochs: int = 1
+    eval_every_epochs: float = 1.0
+    """Epochs between evaluations (0.5: twice an epoch, at the optimizer steps nearest each half); the last step is
+    always evaluated."""
     eval_hflip: bool = False
     """Test-time augmentation: evaluate each image and its mirror image, and average their logits."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights and BatchNorm statistics, updated after every optimizer
+    step with this decay (e.g. 0.999; 0 = off). Evaluations, keep_best, stop_at_accuracy, final/ and its model card
+    then use the averaged weights; the training weights' accuracy is reported beside it (eval/raw_accuracy)."""
+    stop_at_accuracy: float = 0.0
+    """End the run at the first evaluation whose accuracy reaches this (e.g. 0.93; 0 = off), with a checkpoint,
+    final/ and summary.json, which then holds the training seconds and epochs it took."""
     collective_timeout_s: int = 300
     """A rank that stops answering ends the job after this many seconds."""
     deterministic: bool = False
@@ -180,6 +193,11 @@ class TrainConfig:
             "collective_timeout_s",
         ):
             _check(getattr(self, name) > 0, f"train.{name} must be > 0, got {getattr(self, name)}")
+        _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        _check(
+            0 <= self.stop_at_accuracy <= 1,
+            f"train.stop_at_accuracy must be in [0, 1] (0 = off), got {self.stop_at_accuracy}",
+        )
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(
             self.profile_steps is None or self.profile_window is not None,

@@ -236,6 +236,8 @@ def augment_params(batch: int, cfg: DataConfig, generator: torch.Generator, devi
         "vflip": torch.rand(batch, **shape) < 0.5,
         "angle": (torch.rand(batch, **shape) * 2 - 1) * math.radians(cfg.rotate_degrees),
         "jitter": 1 + (torch.rand(batch, 3, **shape) * 2 - 1) * cfg.color_jitter,
+        # drawn last, so that adding it left every earlier draw (and every earlier recipe's run) as it was
+        "cutout": torch.rand(batch, 2, **shape),  # the square's centre (row, column) as a fraction of the size
     }
     params["hflip"] &= "hflip" in cfg.augment
     params["vflip"] &= "vflip" in cfg.augment
@@ -243,7 +245,8 @@ def augment_params(batch: int, cfg: DataConfig, generator: torch.Generator, devi
 
 
 def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
-    """uint8 [B,3,32,32] -> normalized float. Crop and flips are one gather; every image its own offsets."""
+    """uint8 [B,3,32,32] -> normalized float. Crop and flips are one gather, cutout one mask; every image its own
+    offsets."""
     batch, size = images.shape[0], images.shape[-1]
     pad = cfg.crop_padding if "crop" in cfg.augment else 0
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
@@ -265,7 +268,12 @@ def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConf
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
-    return normalize(x)
+    x = normalize(x)
+    if "cutout" in cfg.augment:  # after normalising: the square holds 0, the dataset's mean colour
+        start = (params["cutout"] * size).long() - cfg.cutout_size // 2  # [B, 2]: the square's top and left
+        inside = (ramp >= start[:, :, None]) & (ramp < start[:, :, None] + cfg.cutout_size)  # [B, 2, size]
+        x = x.masked_fill((inside[:, 0, :, None] & inside[:, 1, None, :])[:, None], 0.0)
+    return x
 
 
 class TrainBatches:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distcifar.config import Config, OptimConfig
 from distcifar.data import Split, TrainBatches, normalize
@@ -33,6 +34,12 @@ class Training:
     total_steps: int  # of the whole run: epochs x steps per epoch, or train.max_steps
     eval_loader: torch.utils.data.DataLoader  # prepared: each rank evaluates its shard
     compute: Compute  # FLOPs per image and the hardware's peak: train/tflops, train/mfu
+    ema: AveragedModel | None = None  # train.ema_decay: the moving average of the weights and BatchNorm statistics
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """The network that evaluations, keep_best, the target stop and final/ use: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def _eval_loader(cfg: Config, split: Split) -> torch.utils.data.DataLoader:
@@ -76,10 +83,21 @@ def build_training(cfg: Config, accelerator, train: Split, evaluation: Split) ->
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, batches.steps_per_epoch, total_steps)
     model, optimizer, eval_loader = accelerator.prepare(model, optimizer, _eval_loader(cfg, evaluation))
+    ema = None
+    if cfg.train.ema_decay:
+        # A copy of the network on its device, averaged after every optimizer step. use_buffers=True averages the
+        # BatchNorm running statistics along with the weights (docs/recipes.md says why that is right enough, and
+        # what it was measured against). No `device` argument: AveragedModel's counter then stays on the CPU, where
+        # update_parameters reads it at every call without waiting for a GPU.
+        ema = AveragedModel(
+            accelerator.unwrap_model(model),
+            multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+            use_buffers=True,
+        )
     if cfg.train.compile:
         model = torch.compile(model)
     total_steps = min(total_steps, cfg.train.max_steps or total_steps)
-    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader, for_run(cfg, accelerator))
+    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader, for_run(cfg, accelerator), ema)
 
 
 def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, want_grad_norm: bool):
@@ -142,7 +160,9 @@ def optimizer_steps(
     ranks agree on stopping and on the checkpoint timer (on a CPU every step: there is no queue to
     drain). state.train_seconds counts the time spent in here, not what the driver does between steps
     (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued."""
-    model, scheduler, batches = training.model, training.scheduler, training.batches
+    model, scheduler, batches, ema = training.model, training.scheduler, training.batches, training.ema
+    # the network the average follows: the training weights inside any DDP or torch.compile wrapper
+    trained = accelerator.unwrap_model(model, keep_torch_compile=False) if ema is not None else None
     until = training.total_steps if until is None else until
     check_every = 1 if accelerator.device.type == "cpu" else 10
     started, wall_before = time.monotonic(), state.wall_seconds
@@ -153,6 +173,8 @@ def optimizer_steps(
         logging_step = (state.step + 1) % cfg.train.log_every == 0
         micro_batches = batches.at_step(state.step)
         loss, grad_norm = train_step(accelerator, model, training.optimizer, micro_batches, cfg.optim, logging_step)
+        if ema is not None:
+            ema.update_parameters(trained)
         window.add(loss)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()

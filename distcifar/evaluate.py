@@ -31,7 +31,8 @@ from distcifar.ranks import end_run
 
 
 def load_model(path: Path) -> DistCifarNet:
-    """A DistCifarNet from a training checkpoint (step_* folder), an export (final/) or a hub repository id."""
+    """A DistCifarNet from a training checkpoint (step_* folder: its weight average when it holds one, as the run
+    evaluated it), an export (final/) or a hub repository id."""
     if not path.exists() and repo_id_problem(str(path)) is None:
         return load_model(_hub_snapshot(str(path)))
     if not path.is_dir():
@@ -41,7 +42,11 @@ def load_model(path: Path) -> DistCifarNet:
     if (path / "manifest.json").exists():
         _, blobs = read_verified(path)
         model = DistCifarNet(ModelConfig(**json.loads(blobs["state.json"])["config"]["model"]))
-        model.load_state_dict(load(blobs["model.safetensors"]))
+        if "ema.safetensors" in blobs:  # train.ema_decay: the weight average is what the run evaluated and exported
+            averaged = load(blobs["ema.safetensors"])
+            model.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k != "n_averaged"})
+        else:
+            model.load_state_dict(load(blobs["model.safetensors"]))
         return model
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return DistCifarNet.from_pretrained(path)

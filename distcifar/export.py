@@ -168,11 +168,21 @@ def _training(cfg, summary: dict | None) -> str:
         f"- **Batch and length**: global batch {t.batch_size} ({t.grad_accum_steps} accumulation step(s)), "
         f"{t.epochs} epochs" + (f", at most {t.max_steps} steps" if t.max_steps else "") + f", seed {t.seed}.",
     ]
+    if t.ema_decay:
+        lines.append(
+            f"- **Weights**: the exponential moving average of the training weights and BatchNorm statistics, "
+            f"updated after every optimizer step with decay {t.ema_decay} (`train.ema_decay`)."
+        )
     if summary:
         lines.append(
             f"- **Run**: {summary['global_step']} optimizer steps ({summary['epochs']:g} epochs) on "
             f"{summary['num_processes']} process(es), mixed precision {summary['mixed_precision']}, "
             f"{summary['train_seconds']:.0f} s of training."
+            + (
+                f" It stopped at the first evaluation that reached {t.stop_at_accuracy:.2%} (`train.stop_at_accuracy`)."
+                if summary.get("seconds_to_target") is not None
+                else ""
+            )
         )
         lines.append(
             f"- **Compute**: {summary['train_flops_per_image'] / 1e9:.3g} GFLOP per training image (forward + "
@@ -195,10 +205,13 @@ def _results(summary: dict) -> str:
     lines = [
         f"{split.capitalize()} accuracy **{summary['test_accuracy']:.2%}** (loss {summary['test_loss']:.4f}) on "
         f"{summary['eval_samples']} {split} images.",
-        "",
-        "| class | accuracy |",
-        "|---|---|",
     ]
+    if "test_accuracy_raw" in summary:
+        lines.append(
+            f"These are the weight average's. The training weights themselves, without the average: "
+            f"{summary['test_accuracy_raw']:.2%} (loss {summary['test_loss_raw']:.4f})."
+        )
+    lines += ["", "| class | accuracy |", "|---|---|"]
     lines += [f"| {name} | {acc:.2%} |" for name, acc in zip(CLASSES, summary["per_class_accuracy"])]
     return "\n".join(lines)
 

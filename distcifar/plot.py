@@ -24,6 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFUSION_FILE = "confusion.json"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
+RAW_LABEL = "eval, training weights (no average)"
 # metrics.jsonl of runs started before the keys were namespaced (a resumed one holds both)
 OLD_KEYS = {"train_loss": "train/loss", "lr": "train/lr", "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}
 
@@ -75,8 +76,13 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     loss_ax, accuracy_ax, lr_ax = fig.subplots(1, 3)
     panels = [
-        (loss_ax, "loss", [("train/loss", "train"), ("eval/loss", "eval")]),
-        (accuracy_ax, "accuracy", [("train/accuracy", "train"), ("eval/accuracy", "eval")]),
+        # eval/raw_*: with train.ema_decay, the training weights' own evaluation beside the average's (eval/*)
+        (loss_ax, "loss", [("train/loss", "train"), ("eval/loss", "eval"), ("eval/raw_loss", RAW_LABEL)]),
+        (
+            accuracy_ax,
+            "accuracy",
+            [("train/accuracy", "train"), ("eval/accuracy", "eval"), ("eval/raw_accuracy", RAW_LABEL)],
+        ),
         (lr_ax, "learning rate", [("train/lr", None)]),
     ]
     for ax, quantity, lines in panels:
@@ -88,7 +94,7 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
                     steps,
                     values,
                     label=label,
-                    color="C1" if is_eval else "C0",
+                    color="C2" if key.startswith("eval/raw_") else "C1" if is_eval else "C0",
                     marker="o" if is_eval else None,
                     markersize=4,
                 )

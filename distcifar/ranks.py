@@ -49,6 +49,14 @@ def rank_weight_spread(accelerator: Accelerator, model: torch.nn.Module) -> floa
     return (sums.max() - sums.min()).item()
 
 
+def take_main_process_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Every rank takes the main process's buffers of `module` (BatchNorm statistics), in place. Collective with
+    several processes; nothing to do with one."""
+    if accelerator.num_processes > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def end_run(accelerator: Accelerator, exit_code: int = 0) -> None:
     """End the run on every rank together, then exit with `exit_code` (return when it is 0 and alone).
 

@@ -58,7 +58,8 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of the distcifar checkout running, or None outside a git checkout."""
     try:
         result = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
@@ -169,7 +170,7 @@ class Tracker:
 
     def _start(self, hardware: dict) -> None:
         tracking = self.cfg.tracking
-        run_config = {**flatten(self.cfg.to_dict()), **hardware, "git_commit": _git_commit()}
+        run_config = {**flatten(self.cfg.to_dict()), **hardware, "git_commit": git_commit()}
         if self.report_to == "tensorboard":  # add_hparams takes only numbers, strings and bools
             run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_config.items()}
         # Only what the config sets goes to wandb.init: init arguments beat the environment, so the
@@ -243,6 +244,8 @@ class Tracker:
             "eval/loss": result["eval_loss"],
             "eval/num_samples": result["eval_samples"],
         }
+        if "raw_accuracy" in result:  # train.ema_decay: the training weights' own, beside the average's above
+            scalars["eval/raw_accuracy"], scalars["eval/raw_loss"] = result["raw_accuracy"], result["raw_loss"]
         for name, accuracy in zip(names, result["per_class_accuracy"]):
             scalars[f"eval/class_acc/{name}"] = accuracy
         for block, weights in enumerate(expert_weights):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from distcifar.errors import entry_point
 from distcifar.hardware import hardware
 from distcifar.lock import OutputLock
 from distcifar.model import memory_format
-from distcifar.ranks import end_run, max_over_ranks, print_once
+from distcifar.ranks import end_run, max_over_ranks, print_once, take_main_process_buffers
 from distcifar.signals import StopRequest
 from distcifar.state import RunState
 from distcifar.utilization import peak_memory_gb
@@ -67,12 +69,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{training.compute.describe()} | {determinism_line(cfg, accelerator)}"
     )
 
-    # Train: evaluate at epoch ends and at the end; the checkpointer decides when to save ----------
+    # Train: evaluate when due and at the end; the checkpointer decides when to save --------------
     start = dataclasses.replace(state)  # where this attempt starts: its own images/s
     evaluation = Evaluation(accelerator, cfg, training, tracker, eval_split.head(32), eval_name)
     result, exit_signal = None, 0
+    until = state.step if evaluation.target_reached_before(state) else None  # then nothing is left to train
     progress = Progress(accelerator, training.total_steps, state.step)
-    steps = optimizer_steps(accelerator, training, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints)
+    steps = optimizer_steps(
+        accelerator, training, cfg, state, tracker=tracker, stop=stop, checkpoints=checkpoints, until=until
+    )
     with contextlib.closing(profiling.profiled(steps, cfg, state, accelerator, out)) as steps:  # --train.profile_steps
         for report in steps:
             progress.show(report, state.step)
@@ -80,9 +85,12 @@ def main(argv: list[str] | None = None) -> None:
             if evaluation.due(state.step):
                 result = evaluation.run(state, peak_memory_gb=report.peak_memory_gb)
                 eval_accuracy = result["eval_accuracy"]
+                report.target_reached = evaluation.reached_target(result, state)
             checkpoints.save_if_due(report, eval_accuracy)
             if report.stop_signal:
                 exit_signal = report.stop_signal
+                break
+            if report.target_reached:
                 break
     progress.close()
 
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.finish(exit_code=128 + exit_signal)
         end_run(accelerator, 128 + exit_signal)
 
-    if result is None:  # resumed from a finished run: nothing trained, evaluate once
+    if result is None:  # resumed from a finished run (or one that reached its target): nothing trained, evaluate once
         result = evaluation.run(state, log=False)
     summary = summarize(cfg, accelerator, training, start, state, result)
     finish(cfg, accelerator, training, tracker, summary)
@@ -103,7 +111,7 @@ def finish(cfg: Config, accelerator, training: Training, tracker, summary: dict)
     """Export the model with its card, write summary.json, say where everything is; then the upload, if asked."""
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(training.model, keep_torch_compile=False)
+        model = accelerator.unwrap_model(training.evaluated_model, keep_torch_compile=False)  # the average, if any
         export.write_final(model, out / "final", cfg, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k != "per_class_accuracy"}))
@@ -188,41 +196,80 @@ class Evaluation:
         self.sample, self.eval_name = sample, eval_name  # a few images the tracker shows with predictions
 
     def due(self, step: int) -> bool:
-        """After every train.eval_every_epochs epochs, and after the last step."""
-        epochs, position = divmod(step, self.training.batches.steps_per_epoch)
-        return step == self.training.total_steps or (position == 0 and epochs % self.cfg.train.eval_every_epochs == 0)
+        """At the optimizer step nearest each multiple of train.eval_every_epochs epochs, and after the last step: a
+        function of the step alone, so a resumed run evaluates where an uninterrupted one does."""
+        every = self.cfg.train.eval_every_epochs * self.training.batches.steps_per_epoch  # in steps, maybe fractional
+        nearest = round(step / every)
+        return step == self.training.total_steps or (nearest >= 1 and math.floor(nearest * every + 0.5) == step)
 
     def run(self, state: RunState, log: bool = True, peak_memory_gb: float | None = None) -> dict:
-        """Evaluate; with `log`, log and print the result (with the peak memory so far, when given)."""
+        """Evaluate the run's model (the weight average with train.ema_decay, and then the training weights too); with
+        `log`, log and print the result (with the peak memory so far, when given)."""
         accelerator, training = self.accelerator, self.training
-        result = evaluate(
+        evaluate_one = functools.partial(
+            evaluate,
             accelerator,
-            training.model,
-            training.eval_loader,
+            loader=training.eval_loader,
             num_classes=self.cfg.model.num_classes,
             hflip=self.cfg.train.eval_hflip,
             layout=memory_format(self.cfg.train.channels_last),
         )
+        if training.ema is not None:
+            take_main_process_buffers(accelerator, training.ema.module)
+        result = evaluate_one(training.evaluated_model)
+        if training.ema is not None:
+            raw = evaluate_one(training.model)
+            result.update(raw_accuracy=raw["eval_accuracy"], raw_loss=raw["eval_loss"])
         result["eval_split"] = self.eval_name
         if not log:
             return result
         result.update(epoch=state.step / training.batches.steps_per_epoch, train_seconds=state.train_seconds)
         state.best_accuracy = max(state.best_accuracy or 0.0, result["eval_accuracy"])
-        model = accelerator.unwrap_model(training.model, keep_torch_compile=False)
+        model = accelerator.unwrap_model(training.evaluated_model, keep_torch_compile=False)
         self.tracker.log_eval(
             result, step=state.step, model=model, sample_images=self.sample.images, sample_labels=self.sample.labels
+        )
+        beside = (
+            f" (training weights without the average: {result['raw_accuracy']:.4f}, loss {result['raw_loss']:.4f})"
+            if "raw_accuracy" in result
+            else ""
         )
         memory = f" | peak memory {peak_memory_gb:.2f} GB" if peak_memory_gb is not None else ""
         print_once(
             f"epoch {result['epoch']:g}: {self.eval_name} accuracy {result['eval_accuracy']:.4f}, "
-            f"loss {result['eval_loss']:.4f}{memory}"
+            f"loss {result['eval_loss']:.4f}{beside}{memory}"
         )
         return result
+
+    def reached_target(self, result: dict, state: RunState) -> bool:
+        """Whether this evaluation reached train.stop_at_accuracy, agreed by every rank (one all-reduce per evaluation,
+        with a target only). The first one that does is recorded in `state`: the run's own time to the target."""
+        target = self.cfg.train.stop_at_accuracy
+        if not target:
+            return False
+        reached = bool(max_over_ranks(self.accelerator, result["eval_accuracy"] >= target)[0])
+        if reached and state.target_accuracy != target:  # the first evaluation to reach this target
+            state.target_accuracy, state.target_step = target, state.step
+            state.target_train_seconds = state.train_seconds
+            print_once(
+                f"reached train.stop_at_accuracy {target:.2%} at epoch {result['epoch']:g} (step {state.step}, "
+                f"{state.train_seconds:.0f} s of training): stopping"
+            )
+        return reached
+
+    def target_reached_before(self, state: RunState) -> bool:
+        """A resumed run whose evaluations already reached train.stop_at_accuracy: it trains no further."""
+        target = self.cfg.train.stop_at_accuracy
+        reached = bool(target) and (state.best_accuracy or 0.0) >= target
+        if reached:
+            print_once(f"this run already reached train.stop_at_accuracy {target:.2%} (best {state.best_accuracy:.4f})")
+        return reached
 
 
 def summarize(cfg: Config, accelerator, training: Training, start: RunState, state: RunState, result: dict) -> dict:
     """summary.json: the final evaluation and what the run took (images/s, TFLOP/s and utilisation: this attempt's,
     from `start`; peak memory: the most any process has held). Collective: call on every rank."""
+    steps_per_epoch = training.batches.steps_per_epoch
     trained_seconds = state.train_seconds - start.train_seconds
     trained_images = (state.step - start.step) * cfg.train.batch_size
     images_per_second = trained_images / trained_seconds if trained_seconds else None
@@ -249,6 +296,38 @@ def summarize(cfg: Config, accelerator, training: Training, start: RunState, sta
         "mixed_precision": accelerator.mixed_precision,
         "global_batch_size": cfg.train.batch_size,
         "tracker_run_id": state.tracker_run_id,
+        "model_parameters": sum(p.numel() for p in training.evaluated_model.parameters()),
+        "git_commit": tracking.git_commit(),
+        **_average_summary(cfg, result),
+        **_target_summary(cfg, state, steps_per_epoch),
+    }
+
+
+def _average_summary(cfg: Config, result: dict) -> dict:
+    """With train.ema_decay: test_accuracy above is the average's; the training weights' own beside it."""
+    if "raw_accuracy" not in result:
+        return {}
+    return {
+        "ema_decay": cfg.train.ema_decay,
+        "test_accuracy_raw": result["raw_accuracy"],
+        "test_loss_raw": result["raw_loss"],
+    }
+
+
+def _target_summary(cfg: Config, state: RunState, steps_per_epoch: int) -> dict:
+    """With train.stop_at_accuracy: whether the run reached it and, measured by the run itself, after how many
+    training seconds (no evaluations, no saves), optimizer steps and epochs (null when it never did, or when it did
+    before this target was set: its checkpoints then record no time to it)."""
+    target = cfg.train.stop_at_accuracy
+    if not target:
+        return {}
+    timed = state.target_accuracy == target
+    return {
+        "stop_at_accuracy": target,
+        "target_reached": (state.best_accuracy or 0.0) >= target,
+        "seconds_to_target": state.target_train_seconds if timed else None,
+        "steps_to_target": state.target_step if timed else None,
+        "epochs_to_target": state.target_step / steps_per_epoch if timed else None,
     }
 
 

@@ -252,16 +252,22 @@ def training_result(run_dir: Path) -> dict:
             "test_accuracy": r["eval/accuracy"],
             "test_loss": r["eval/loss"],
             "train_seconds": r["train/seconds"],
+            "raw_test_accuracy": r.get("eval/raw_accuracy"),  # train.ema_decay: the training weights' own
         }
         for r in rows
         if "eval/accuracy" in r
     ]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    reached = next((e["train_seconds"] for e in evaluations if e["test_accuracy"] >= TARGET), None)
+    reached = next((e for e in evaluations if e["test_accuracy"] >= TARGET), None)
     return {
         "finished": bool(summary),
-        "test_accuracy": summary.get("test_accuracy"),  # final, on every test image
-        "seconds_to_93": reached,  # training seconds (no evaluations) until the test accuracy first reached 0.93
+        "model_parameters": summary.get("model_parameters"),
+        "git_commit": summary.get("git_commit"),
+        "test_accuracy": summary.get("test_accuracy"),  # final, on every test image (the weight average's, with one)
+        "test_accuracy_raw": summary.get("test_accuracy_raw"),  # train.ema_decay: the training weights' own
+        # training seconds (no evaluations) and epochs until the test accuracy first reached 0.93
+        "seconds_to_93": reached["train_seconds"] if reached else None,
+        "epochs_to_93": reached["epoch"] if reached else None,
         "images_per_second": summary.get("images_per_second"),  # training steps only, all processes
         "tflops": summary.get("tflops"),  # achieved, all processes
         "mfu": summary.get("mfu"),  # of the published peak (None for a GPU not in utilization.GPU_PEAKS)

@@ -1,6 +1,7 @@
-"""Checkpoints with real processes: an exact resume after SIGKILL (1 and 2 processes, with accumulation), a
-resume on another number of processes, SIGTERM to every rank (each exits 143 after saving that step), and the
-exported model through evaluate.py. The in-process checkpoint tests are in tests/unit/test_checkpoint.py."""
+"""Checkpoints with real processes: an exact resume after SIGKILL (1 and 2 processes, with accumulation, with the
+weight average), a resume on another number of processes, SIGTERM to every rank (each exits 143 after saving that
+step), and the exported model through evaluate.py. The in-process checkpoint tests are in
+tests/unit/test_checkpoint.py."""
 
 import json
 import re
@@ -37,28 +38,37 @@ def _weights(out):
     return load_file(out / "final" / "model.safetensors")
 
 
-def _assert_same_run(straight, resumed):
+EVAL_KEYS = ("eval/accuracy", "eval/loss", "eval/raw_accuracy", "eval/raw_loss")
+
+
+def _evaluations(out) -> dict:
+    """Each evaluated step's figures, the last attempt's where a resumed run logged a step twice."""
+    return {m["step"]: [m.get(key) for key in EVAL_KEYS] for m in read_metrics(out) if "eval/accuracy" in m}
+
+
+def _assert_same_run(straight, resumed, resumed_at: int):
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
-    evals = lambda out: [
-        (m["step"], m["eval/accuracy"], m["eval/loss"]) for m in read_metrics(out) if "eval/accuracy" in m
-    ]  # noqa: E731
-    assert evals(resumed)[-1] == evals(straight)[-1]
+    after = lambda out: {s: e for s, e in _evaluations(out).items() if s > resumed_at}  # noqa: E731
+    assert after(resumed) == after(straight) and after(straight)  # every evaluation the resumed attempt made
     summary = lambda out: json.loads((out / "summary.json").read_text())  # noqa: E731
-    assert summary(resumed)["test_accuracy"] == summary(straight)["test_accuracy"]
-    assert summary(resumed)["global_step"] == summary(straight)["global_step"]
+    for key in ("test_accuracy", "test_loss", "test_accuracy_raw", "global_step"):
+        assert summary(resumed).get(key) == summary(straight).get(key), key
+
+
+AVERAGED = ["--train.ema_decay", "0.9", "--train.eval_every_epochs", "0.5"]  # evaluations at steps 4, 8, 12, 16
 
 
 @pytest.mark.parametrize(
     "processes, extra",
     [
         (1, []),
-        (1, ["--train.grad_accum_steps", "2"]),
-        (2, ["--train.grad_accum_steps", "2"]),
+        (1, ["--train.grad_accum_steps", "2", *AVERAGED]),
+        (2, ["--train.grad_accum_steps", "2", *AVERAGED]),
     ],
-    ids=["1proc", "1proc-accum2", "2proc-accum2"],
+    ids=["1proc", "1proc-accum2-ema", "2proc-accum2-ema"],
 )
 def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, extra):
     # 8 steps per epoch, 2 epochs; the kill lands right after the mid-epoch checkpoint at step 5.
@@ -73,9 +83,19 @@ def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, e
     # from the mid-epoch checkpoint (step 5 of 8 in epoch 1), not an epoch end and not from scratch
     assert f"resumed from {resumed / 'checkpoints' / 'step_00000005'} at step 5" in result.stdout
     assert [m["step"] for m in read_metrics(resumed) if "train/loss" in m][-11:] == list(range(6, 17))
-    _assert_same_run(straight, resumed)
+    _assert_same_run(straight, resumed, resumed_at=5)
     steps = [m["step"] for m in read_metrics(resumed) if "train/loss" in m]
     assert steps[-1] == 16
+    if "--train.ema_decay" in extra:  # final/ holds the average, the checkpoint both it and the training weights
+        assert sorted(_evaluations(straight)) == [4, 8, 12, 16]
+        last = resumed / "checkpoints" / "step_00000016"
+        averaged, trained = load_file(last / "ema.safetensors"), load_file(last / "model.safetensors")
+        exported = _weights(resumed)
+        assert all(torch.equal(averaged[f"module.{k}"], v) for k, v in exported.items())
+        assert not torch.equal(trained["classifier.2.weight"], exported["classifier.2.weight"])
+        summary = json.loads((resumed / "summary.json").read_text())
+        assert summary["test_accuracy"] == _evaluations(resumed)[16][0]  # the average's, not the training weights'
+        assert summary["test_accuracy_raw"] == _evaluations(resumed)[16][2] and summary["ema_decay"] == 0.9
 
 
 def test_resume_on_a_different_number_of_processes(tmp_path, synthetic_data):

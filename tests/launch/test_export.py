@@ -48,7 +48,10 @@ def pushed_run(tmp_path_factory, synthetic_data):
         [
             sys.executable,
             "distcifar/train.py",
-            *train_args(out, synthetic_data, "--push_to_hub", REPO_ID, "--hub.private", "true"),
+            # with a weight average: the card then says so and gives both accuracies
+            *train_args(
+                out, synthetic_data, "--push_to_hub", REPO_ID, "--hub.private", "true", "--train.ema_decay", "0.9"
+            ),
         ],
         check=False,
         env=env,
@@ -107,6 +110,14 @@ def test_the_model_card_describes_the_model_its_training_and_its_results(pushed_
     )
     assert f"), {summary['mixed_precision']} | global batch 32" in trained.stdout  # the precision it trained in
     assert f"- **Compute**: {summary['train_flops_per_image'] / 1e9:.3g} GFLOP per training image (forward" in text
+    assert (
+        "- **Weights**: the exponential moving average of the training weights and BatchNorm statistics, updated "
+        "after every optimizer step with decay 0.9 (`train.ema_decay`)." in text
+    )
+    assert (
+        f"The training weights themselves, without the average: {summary['test_accuracy_raw']:.2%} "
+        f"(loss {summary['test_loss_raw']:.4f})." in text
+    )
 
     recipe = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     (out.parent / "recipe.yaml").write_text(recipe)

@@ -43,8 +43,10 @@ def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_
     epochs = default["epochs"]
     assert [e["epoch"] for e in epochs] == [1.0, 2.0]
     assert 0 < epochs[0]["train_seconds"] < epochs[1]["train_seconds"] == summary["train_seconds"]
-    reached = [e["train_seconds"] for e in epochs if e["test_accuracy"] >= 0.93]
-    assert default["seconds_to_93"] == (reached[0] if reached else None)
+    reached = [e for e in epochs if e["test_accuracy"] >= 0.93]
+    assert default["seconds_to_93"] == (reached[0]["train_seconds"] if reached else None)
+    assert default["epochs_to_93"] == (reached[0]["epoch"] if reached else None)
+    assert default["model_parameters"] == summary["model_parameters"] > 0 and len(default["git_commit"]) == 40
     mirrored = json.loads((tmp_path / "runs" / "default" / "eval_hflip.json").read_text())
     assert mirrored["eval_hflip"] and mirrored["eval_samples"] == summary["eval_samples"]
     assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"]

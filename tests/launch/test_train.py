@@ -369,6 +369,39 @@ def test_a_short_run_learns_the_synthetic_classes(tmp_path, synthetic_data):
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8
 
 
+def test_a_reachable_target_stops_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, synthetic_data):
+    # The learning run above (16 steps per epoch), evaluated every half epoch, on 2 processes that must agree to
+    # stop (one that did not would hang the other); target 0.5, which it reaches well before its 96 steps end.
+    out = tmp_path / "run"
+    args = [
+        *("--train.batch_size", "16", "--train.epochs", "6", "--model.dropout", "0.0"),
+        *("--train.eval_every_epochs", "0.5", "--train.stop_at_accuracy", "0.5"),
+    ]
+    result = run(launch_command(2) + train_args(out, synthetic_data, *args))
+    evaluations = [m for m in read_metrics(out) if "eval/accuracy" in m]
+    assert [m["step"] for m in evaluations] == list(range(8, evaluations[-1]["step"] + 1, 8))
+    assert all(m["eval/accuracy"] < 0.5 for m in evaluations[:-1]) and evaluations[-1]["eval/accuracy"] >= 0.5
+    step = evaluations[-1]["step"]
+    assert step < 96, "the target was not reached before the end: this test proves nothing"
+    said = re.search(
+        r"reached train.stop_at_accuracy 50.00% at epoch ([\d.]+) \(step (\d+), (\d+) s of training\)", result.stdout
+    )
+    assert said and int(said.group(2)) == step and float(said.group(1)) == step / 16, result.stdout[-2000:]
+    assert max(m["step"] for m in read_metrics(out)) == step  # not one step more
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == summary["steps_to_target"] == step and summary["target_reached"] is True
+    assert summary["epochs_to_target"] == step / 16 and summary["stop_at_accuracy"] == 0.5
+    assert summary["seconds_to_target"] == evaluations[-1]["train/seconds"] == summary["train_seconds"]
+    assert summary["test_accuracy"] == evaluations[-1]["eval/accuracy"]
+    assert _checkpoint_steps(out)[-1] == step  # saved there, also at a half epoch
+    assert "It stopped at the first evaluation that reached 50.00%" in (out / "final" / "README.md").read_text()
+    # the same command again: the run is over, it trains no further and ends as it did
+    again = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, *args))
+    assert "this run already reached train.stop_at_accuracy 50.00%" in again.stdout
+    assert max(m["step"] for m in read_metrics(out)) == step
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
 def test_the_wandb_run_id_is_carried_through_a_real_resume(tmp_path, synthetic_data):
     out = tmp_path / "run"
     first = run(

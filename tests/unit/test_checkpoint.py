@@ -13,10 +13,12 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import CheckpointConfig, Config, ModelConfig
 from distcifar.errors import CheckpointError
+from distcifar.evaluate import load_model
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
 from distcifar.state import RunState
@@ -44,7 +46,7 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def _checkpointer(accelerator, root, config: Config, keep=5, model=None, optimizer=None, scheduler=None):
+def _checkpointer(accelerator, root, config: Config, keep=5, model=None, optimizer=None, scheduler=None, ema=None):
     cfg = CheckpointConfig(keep=keep)
     return Checkpointer(
         accelerator,
@@ -56,6 +58,7 @@ def _checkpointer(accelerator, root, config: Config, keep=5, model=None, optimiz
         scheduler=scheduler,
         steps_per_epoch=4,
         total_steps=8,
+        ema=ema,
     )
 
 
@@ -273,3 +276,61 @@ def _with(cfg: Config, field: str, value) -> Config:
     section, name = field.split(".")
     tree[section][name] = value
     return config_from_dict(tree)
+
+
+def _averaged(model, updates: int, seed: int) -> AveragedModel:
+    """The average train.ema_decay keeps (as engine.build_training makes it), after `updates` moves of the weights
+    and the BatchNorm statistics."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(updates):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+            model(torch.randn(4, 3, 32, 32, generator=generator))  # train mode: the running statistics move
+        ema.update_parameters(model)
+    return ema
+
+
+def test_the_weight_average_is_saved_and_restored_bit_for_bit(accelerator, tmp_path):
+    cfg, model, optimizer, scheduler = _trained_state()
+    ema = _averaged(model, updates=3, seed=0)
+    saver = _checkpointer(accelerator, tmp_path, cfg, 5, model, optimizer, scheduler, ema)
+    saver.state.step = 4
+    folder = saver.save()
+    assert {p.name for p in folder.iterdir()} == FILES | {"ema.safetensors"}
+    assert "ema.safetensors" in json.loads((folder / "manifest.json").read_text())["files"]  # verified like the rest
+    _, fresh_model, fresh_optimizer, fresh_scheduler = _trained_state(seed=5)
+    fresh = _averaged(fresh_model, updates=1, seed=3)
+    _checkpointer(accelerator, tmp_path, cfg, 5, fresh_model, fresh_optimizer, fresh_scheduler, fresh).load(folder)
+    assert fresh.state_dict().keys() == ema.state_dict().keys()
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in ema.state_dict().items())
+    assert int(fresh.n_averaged) == 3 and any(key.endswith("running_var") for key in fresh.state_dict())
+    # evaluate.py on this checkpoint evaluates the average, as the run did
+    evaluated = load_model(folder).state_dict()
+    assert all(torch.equal(value, evaluated[key]) for key, value in ema.module.state_dict().items())
+    assert not torch.equal(evaluated["classifier.2.weight"], model.state_dict()["classifier.2.weight"])
+
+
+def test_checkpoints_without_an_average_load_as_before_and_the_average_restarts_from_them(
+    accelerator, tmp_path, capsys
+):
+    cfg, model, *_ = _save(accelerator, tmp_path, 2)  # a run without train.ema_decay: as every earlier checkpoint
+    _, fresh_model, fresh_optimizer, fresh_scheduler = _trained_state(seed=5)
+    fresh = _averaged(fresh_model, updates=2, seed=3)
+    saver = _checkpointer(accelerator, tmp_path, cfg, 5, fresh_model, fresh_optimizer, fresh_scheduler, fresh)
+    assert saver.load(tmp_path / "step_00000002").step == 2
+    assert all(torch.equal(value, fresh_model.state_dict()[key]) for key, value in model.state_dict().items())
+    assert "holds no weight average: train.ema_decay starts it from the resumed weights" in capsys.readouterr().out
+    fresh.update_parameters(fresh_model)  # the first update after the resume copies the resumed weights
+    assert all(torch.equal(value, fresh.module.state_dict()[key]) for key, value in model.state_dict().items())
+    # and a run without the average resumes from a checkpoint that holds one, leaving that file unread
+    averaged_run = tmp_path / "averaged"
+    cfg, model, optimizer, scheduler = _trained_state(seed=1)
+    with_average = _checkpointer(
+        accelerator, averaged_run, cfg, 5, model, optimizer, scheduler, _averaged(model, updates=1, seed=0)
+    )
+    folder = with_average.save()
+    _, plain_model, plain_optimizer, plain_scheduler = _trained_state(seed=7)
+    _checkpointer(accelerator, averaged_run, cfg, 5, plain_model, plain_optimizer, plain_scheduler).load(folder)
+    assert all(torch.equal(value, plain_model.state_dict()[key]) for key, value in model.state_dict().items())

@@ -332,6 +332,35 @@ def test_augment_params_are_per_image_within_their_ranges_and_reproducible():
     assert not torch.equal(params["dx"], other["dx"]) and not torch.equal(params["angle"], other["angle"])
 
 
+def test_cutout_sets_a_square_to_the_mean_colour_cut_off_at_the_edges():
+    cfg = DataConfig(augment=["cutout"], cutout_size=6)
+    x = _uint8_batch(3)
+    # centres (row, column) as fractions of 32: (16, 8) inside; (1, 30) over the top and right edges; (0, 0)
+    centres = [[16 / 32, 8 / 32], [1 / 32, 30 / 32], [0.0, 0.0]]
+    out = augment(x, _params(3, cfg, cutout=centres), cfg)
+    expected = _standardise(x.float() / 255)
+    expected[0, :, 13:19, 5:11] = 0.0  # rows 16-3 .. 16+2, columns 8-3 .. 8+2: 6 x 6
+    expected[1, :, 0:4, 27:32] = 0.0  # rows -2 .. 3 and columns 27 .. 32, cut off at the edges: 4 x 5
+    expected[2, :, 0:3, 0:3] = 0.0  # rows and columns -3 .. 2: 3 x 3
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert [int((image == 0).all(0).sum()) for image in out] == [36, 20, 9]
+    # 0 after normalising is the dataset's mean colour: a pixel of exactly that colour is what the square holds
+    torch.testing.assert_close(_standardise(MEAN), torch.zeros(1, 3, 1, 1))
+
+
+def test_cutout_is_drawn_after_every_other_parameter():
+    # Adding cutout must not move any earlier draw: every run of an earlier recipe stays as it was, bit for bit.
+    cfg = DataConfig(augment=["crop", "hflip", "cutout"], crop_padding=4, color_jitter=0.2)
+    params = augment_params(64, cfg, torch.Generator().manual_seed(5), "cpu")
+    generator = torch.Generator().manual_seed(5)
+    by_hand = [torch.randint(0, 9, (64,), generator=generator), torch.randint(0, 9, (64,), generator=generator)]
+    by_hand += [torch.rand(64, generator=generator) for _ in range(3)] + [torch.rand(64, 3, generator=generator)]
+    assert torch.equal(params["dx"], by_hand[0]) and torch.equal(params["dy"], by_hand[1])
+    assert torch.equal(params["hflip"], by_hand[2] < 0.5)
+    assert torch.equal(params["jitter"], 1 + (by_hand[5] * 2 - 1) * 0.2)
+    assert torch.equal(params["cutout"], torch.rand(64, 2, generator=generator))
+
+
 def test_augmentations_left_out_of_the_config_do_nothing():
     cfg = DataConfig(augment=[], crop_padding=4)
     params = augment_params(256, cfg, torch.Generator().manual_seed(0), "cpu")

@@ -6,6 +6,7 @@ its own time as training time, and evaluation never runs the torch.compile'd mod
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,7 +242,9 @@ def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
     assert len(compiled_graphs) == 1
 
 
-def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0, batch_size: int = 16, lr: float = 0.2):
+def _tiny_run(
+    tmp_path, log_every: int, grad_clip: float = 0.0, batch_size: int = 16, lr: float = 0.2, ema_decay: float = 0.0
+):
     """A real build of the tiny network on 64 random images, batch 16 (4 steps per epoch), 2 epochs."""
     cfg = Config(output_dir=str(tmp_path), model=TINY_MODEL_CONFIG)
     cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = (
@@ -251,6 +254,7 @@ def _tiny_run(tmp_path, log_every: int, grad_clip: float = 0.0, batch_size: int 
         "no",
     )
     cfg.optim.grad_clip, cfg.optim.lr = grad_clip, lr
+    cfg.train.ema_decay = ema_decay
     cfg.tracking.report_to, cfg.tracking.plots = "none", False
     accelerator = build_accelerator(cfg)
     generator = torch.Generator().manual_seed(0)
@@ -373,3 +377,91 @@ def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accel
     assert result["eval_accuracy"] * 6 == (by_hand.argmax(1) == labels).sum().item()
     plain = evaluate(accelerator, model, loader, num_classes=4)
     assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-5)
+
+
+def test_the_weight_average_follows_every_step_weights_and_batchnorm_statistics_alike(tmp_path, fresh_accelerate_state):
+    decay = 0.8
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, ema_decay=decay)
+    assert parts.evaluated_model is parts.ema.module  # what evaluations and final/ use
+    trained = parts.model
+    floats = lambda module: {k: v.clone() for k, v in module.state_dict().items() if v.is_floating_point()}  # noqa: E731
+    by_hand = None
+    for _ in optimizer_steps(
+        accelerator,
+        parts,
+        cfg,
+        RunState(),
+        tracker=tracker,
+        stop=None,
+        checkpoints=_schedule_only(accelerator, cfg.checkpoint),
+    ):
+        now = floats(trained)  # weights, BatchNorm running means and variances after this step
+        # the first step's weights, then decay x average + (1 - decay) x weights, written out by hand
+        by_hand = now if by_hand is None else {k: decay * by_hand[k] + (1 - decay) * now[k] for k in now}
+        averaged = floats(parts.ema.module)
+        assert averaged.keys() == by_hand.keys() and any("running_var" in k for k in averaged)
+        for key in by_hand:
+            torch.testing.assert_close(averaged[key], by_hand[key], rtol=1e-5, atol=1e-6, msg=key)
+    tracker.finish()
+    assert int(parts.ema.n_averaged) == 8
+    assert not torch.equal(
+        floats(trained)["blocks.0.convs.0.2.running_mean"], by_hand["blocks.0.convs.0.2.running_mean"]
+    )
+
+
+@pytest.mark.parametrize(
+    "every, expected",
+    [
+        (1.0, [195, 390, 585, 780, 800]),  # epoch ends, and the last step (800: train.max_steps)
+        (2.0, [390, 780, 800]),
+        (0.5, [98, 195, 293, 390, 488, 585, 683, 780, 800]),  # 97.5 steps apart: the nearest step, epoch ends exact
+    ],
+)
+def test_evaluations_fall_at_the_step_nearest_each_multiple_of_eval_every_epochs(every, expected):
+    from distcifar.train import Evaluation
+
+    cfg = Config()
+    cfg.train.eval_every_epochs = every
+    training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=195), total_steps=800)
+    evaluation = Evaluation(None, cfg, training, None, None, "test")
+    assert [step for step in range(1, 801) if evaluation.due(step)] == expected
+
+
+def test_the_time_to_a_target_is_the_first_evaluation_reaching_it_and_belongs_to_that_target(fresh_accelerate_state):
+    from distcifar.train import Evaluation, _target_summary
+
+    cfg = Config()
+    cfg.train.stop_at_accuracy = 0.5
+    training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=10), total_steps=100)
+    evaluation = Evaluation(Accelerator(cpu=True), cfg, training, None, None, "test")
+    state = RunState()
+
+    def evaluated(step: int, accuracy: float) -> bool:  # an evaluation at `step`, after step / 10 s of training
+        state.step, state.train_seconds = step, step / 10
+        state.best_accuracy = max(state.best_accuracy or 0.0, accuracy)
+        return evaluation.reached_target({"eval_accuracy": accuracy, "epoch": step / 10}, state)
+
+    assert [evaluated(10, 0.4), evaluated(20, 0.55), evaluated(30, 0.6)] == [False, True, True]
+    reached = {"stop_at_accuracy": 0.5, "target_reached": True}
+    assert _target_summary(cfg, state, 10) == {
+        **reached,
+        "seconds_to_target": 2.0,
+        "steps_to_target": 20,
+        "epochs_to_target": 2.0,
+    }
+    # resumed with a higher target: not reached yet, and no time to it until an evaluation reaches it
+    cfg.train.stop_at_accuracy = 0.7
+    assert not evaluation.target_reached_before(state)
+    assert _target_summary(cfg, state, 10)["target_reached"] is False
+    assert _target_summary(cfg, state, 10)["seconds_to_target"] is None
+    assert evaluated(40, 0.72) and _target_summary(cfg, state, 10)["steps_to_target"] == 40
+    # resumed with a lower target than one reached: nothing left to train, but its time was never measured
+    cfg.train.stop_at_accuracy = 0.6
+    assert evaluation.target_reached_before(state)
+    assert _target_summary(cfg, state, 10) == {
+        "stop_at_accuracy": 0.6,
+        "target_reached": True,
+        "seconds_to_target": None,
+        "steps_to_target": None,
+        "epochs_to_target": None,
+    }

@@ -1,0 +1,71 @@
+"""scripts/compare_runs.py, the table of recipe variants in results/: each run's change against the baseline, its
+accuracy at each evaluated epoch (aligned by epoch, not by position), its final figures and the load it ran beside,
+read from run folders laid out as train.py leaves them."""
+
+import importlib
+import json
+import sys
+
+from distcifar.config import Config
+from support import REPO
+
+
+def _run_folder(folder, cfg: Config, evaluations: list[tuple[int, float, float, float]], raw: float | None, load):
+    """A finished run as train.py leaves it: config.json, metrics.jsonl (step, epoch, accuracy, training seconds
+    per evaluation), summary.json; and the proxy runner's load samples in FOLDER.load."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    rows = [{"step": 1, "train/loss": 2.3}]
+    rows += [
+        {"step": s, "train/epoch": e, "eval/accuracy": a, "eval/loss": 1.0, "train/seconds": t}
+        for s, e, a, t in evaluations
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = {"test_accuracy": evaluations[-1][2], "train_seconds": evaluations[-1][3], "images_per_second": 100.0}
+    summary.update(mixed_precision="no", eval_samples=10000, **({"test_accuracy_raw": raw} if raw else {}))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder.parent / f"{folder.name}.load").write_text("".join(f"2026-12-02T00:0{i}:00 {v} 1.0 1.0\n" for i, v in load))
+
+
+def test_the_table_names_each_change_and_aligns_evaluations_by_epoch(tmp_path, monkeypatch, capsys):
+    baseline, variant = Config(), Config()
+    variant.model.dropout, variant.train.batch_size = 0.25, 256  # two changes, both named
+    _run_folder(tmp_path / "base", baseline, [(195, 1.0, 0.5, 10.0), (390, 2.0, 0.75, 20.0)], 0.7, [(0, 3.0), (1, 5.0)])
+    _run_folder(
+        tmp_path / "half", variant, [(48, 0.5, 0.25, 4.0), (97, 1.0, 0.625, 9.0), (194, 2.0, 0.8, 19.0)], None, []
+    )
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    compare_runs = importlib.import_module("compare_runs")
+    out = tmp_path / "results" / "table"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "compare_runs.py",
+            f"base={tmp_path / 'base'}",
+            f"half={tmp_path / 'half'}",
+            "--out",
+            str(out),
+            "--title",
+            "T",
+            "--conditions",
+            "C",
+        ],
+    )
+    assert compare_runs.main() == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    base, half = record["runs"]
+    assert base["changes"] == {} and half["changes"] == {"model.dropout": 0.25, "train.batch_size": 256}
+    assert [e["test_accuracy"] for e in half["epochs"]] == [0.25, 0.625, 0.8]
+    assert (base["test_accuracy"], base["test_accuracy_raw"], half["test_accuracy_raw"]) == (0.75, 0.7, None)
+    assert base["mean_load_1min"] == 4.0 and half["mean_load_1min"] is None
+    lines = out.with_suffix(".md").read_text().splitlines()
+    assert lines[0] == "# T" and "C" in lines
+    assert (
+        "| run | change against the baseline | ep 0.5 | ep 1 | ep 2 | final | without EMA | train s | load |" in lines
+    )
+    assert "| base | (the baseline) |  | 50.00 | 75.00 | **75.00** | 70.00 | 20 | 4.0 |" in lines
+    assert (
+        "| half | `model.dropout` 0.25, `train.batch_size` 256 | 25.00 | 62.50 | 80.00 | **80.00** |  | 19 |  |"
+        in lines
+    )
