@@ -37,6 +37,7 @@ def test_the_card_of_a_run_states_its_schedule_batch_precision_and_training_time
         "mixed_precision": "bf16",
         "train_seconds": 123.4,
         "wall_seconds": 456.7,
+        "train_flops_per_image": 1.584e9,
     }
     text = str(model_card(DistCifarNet(TINY_MODEL_CONFIG), cfg=cfg, summary=summary))
     assert "- **Schedule**: 1.5 warm-up epochs, then step (x0.3 every 5.0 epochs), in optimizer steps." in text
@@ -46,6 +47,7 @@ def test_the_card_of_a_run_states_its_schedule_batch_precision_and_training_time
     run_line = "- **Run**: 40 optimizer steps (2.5 epochs) on 4 process(es), mixed precision bf16, 123 s of training."
     assert run_line in text
     assert "457" not in text  # the wall time is not training time
+    assert "- **Compute**: 1.58 GFLOP per training image (forward + backward" in text
 
 
 def test_the_export_follows_the_umask_like_its_json_and_card(tmp_path):
