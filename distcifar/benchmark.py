@@ -545,13 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     load_average.append(os.getloadavg()[0])
 
-    runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]  # paired: same load
-    flops = bench.training.compute.flops_per_image
-    if "peak" in runs:  # each run's steps against the matmuls timed in turns with them (paired: the same load)
-        for name in ("bare", "loop"):
-            runs[f"{name}_mfu"] = [ips * flops / 1e12 / peak for ips, peak in zip(runs[name], runs["peak"])]
-    if world > 1:  # 1 - t_nosync / t_sync, run by run
-        runs["communication_share"] = [1 - loop / nosync for loop, nosync in zip(runs["loop"], runs["nosync"])]
+    add_paired_ratios(runs, bench.training.compute.flops_per_image, world)
     median = {name: statistics.median(values) for name, values in runs.items()}
     result = {
         **speed_figures(median, bench.training.batches.micro_batch, accelerator.device, checkpoints),
@@ -580,6 +574,17 @@ def main(argv: list[str] | None = None) -> dict:
         bench.scratch.cleanup()
     end_run(accelerator)  # every rank together; skips the teardown that can abort with several processes
     return result
+
+
+def add_paired_ratios(runs: dict[str, list[float]], flops_per_image: float, world: int) -> None:
+    """Ratios of figures timed in the same run (so under the same load), run by run: loop/bare, each step's share of
+    the matmul peak timed in turns with it, and with several processes the communication share 1 - t_nosync/t_sync."""
+    runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]
+    if "peak" in runs:
+        for name in ("bare", "loop"):
+            runs[f"{name}_mfu"] = [ips * flops_per_image / 1e12 / peak for ips, peak in zip(runs[name], runs["peak"])]
+    if world > 1:
+        runs["communication_share"] = [1 - loop / nosync for loop, nosync in zip(runs["loop"], runs["nosync"])]
 
 
 def speed_figures(

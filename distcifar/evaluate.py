@@ -6,7 +6,8 @@
 
 Prints accuracy, loss, per-class accuracy and the confusion matrix as a table, and as JSON to --output.
 Other options are config overrides (--data.path, --data.eval_limit, --train.eval_batch_size ...;
---train.eval_hflip true averages each image's logits with its mirror image's).
+--train.eval_hflip true averages each image's logits with its mirror image's). --recompute_bn replaces the
+BatchNorm running statistics by those of the training images before evaluating (docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
 from safetensors.torch import load
+from torch.optim.swa_utils import update_bn
 
 from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint_format import read_verified
 from distcifar.config import ModelConfig, parse_config, repo_id_problem
-from distcifar.data import CLASSES, load_splits
+from distcifar.data import CLASSES, Split, load_splits, normalize
 from distcifar.engine import evaluate, prepare_for_evaluation
 from distcifar.errors import CheckpointError, entry_point, one_line
 from distcifar.model import DistCifarNet, memory_format
@@ -53,6 +56,14 @@ def load_model(path: Path) -> DistCifarNet:
     raise CheckpointError(
         f"{path}: neither a checkpoint (manifest.json) nor an export (model.safetensors + config.json)"
     )
+
+
+def recompute_bn_statistics(model: torch.nn.Module, train: Split, device, batch_size: int = 500) -> None:
+    """Each BatchNorm layer's running statistics recomputed over the training images, un-augmented, with
+    torch.optim.swa_utils.update_bn: the average of the batches' means and variances, in place of the moving average
+    kept during training (for a weight average, the statistics of the averaged weights themselves)."""
+    batches = (normalize(images.to(device)) for images in train.images.split(batch_size))
+    update_bn(batches, model.to(device), device=device)
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -99,6 +110,11 @@ def add_arguments(parser) -> None:
         "a hub model id (owner/name) of an export, read from the Hugging Face cache when it is there.",
     )
     parser.add_argument("--output", type=str, default=None, help="Also write the result as JSON to this file.")
+    parser.add_argument(
+        "--recompute_bn",
+        action="store_true",
+        help="Recompute the BatchNorm running statistics over the training images before evaluating.",
+    )
 
 
 @entry_point
@@ -114,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg.model = model.config
     accelerator = build_accelerator(cfg)
     with accelerator.main_process_first():
-        _, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
+        train_split, eval_split, eval_name = load_splits(cfg.data, cfg.model.num_classes)
+    if args.recompute_bn:  # every rank over all training images: the same statistics on each
+        recompute_bn_statistics(model, train_split, accelerator.device)
     model, loader = prepare_for_evaluation(cfg, accelerator, model, eval_split)
     result = evaluate(
         accelerator,
@@ -129,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint=str(path),
         num_processes=accelerator.num_processes,
         eval_hflip=cfg.train.eval_hflip,
+        recompute_bn=args.recompute_bn,
     )
     if accelerator.is_main_process:
         print(format_table(result))
