@@ -159,7 +159,10 @@ def optimizer_steps(
     Host syncs happen only on logging steps, at epoch ends and, every `check_every` steps, where the
     ranks agree on stopping and on the checkpoint timer (on a CPU every step: there is no queue to
     drain). state.train_seconds counts the time spent in here, not what the driver does between steps
-    (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued."""
+    (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued.
+
+    Longer than most functions here on purpose: it is the training loop, and every host sync in it should be
+    visible in one read, top to bottom."""
     model, scheduler, batches, ema = training.model, training.scheduler, training.batches, training.ema
     # the network the average follows: the training weights inside any DDP or torch.compile wrapper
     trained = accelerator.unwrap_model(model, keep_torch_compile=False) if ema is not None else None
