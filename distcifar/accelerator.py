@@ -33,8 +33,10 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
     collective_timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     # Under torch elastic the process group is built here, on a store of this attempt's own (a restarted group
     # must not read the dead one's keys); Accelerate then finds it initialised. On CPU with MPI available,
-    # Accelerate would pick MPI, which needs no store.
-    if elastic.under_elastic_agent() and (on_gpu or not torch.distributed.is_mpi_available()):
+    # Accelerate would pick MPI, which needs no store. A second Accelerator in one process (the DDP-options probe)
+    # finds the group already there.
+    initialised = torch.distributed.is_initialized()
+    if elastic.under_elastic_agent() and not initialised and (on_gpu or not torch.distributed.is_mpi_available()):
         elastic.init_process_group("nccl" if on_gpu else "gloo", collective_timeout)
     accelerator = Accelerator(
         # Without cpu=True a multi-process launch on a machine with no GPU trains N unsynchronised copies.
