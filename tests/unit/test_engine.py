@@ -282,21 +282,19 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _steps(cfg, accelerator, parts, tracker, state):
+    """The real optimizer_steps of a _tiny_run, with no stop request and only the checkpoint schedule."""
+    checkpoints = _schedule_only(accelerator, cfg.checkpoint)
+    return optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints)
+
+
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
 def test_steps_that_do_not_log_read_nothing_back_from_the_device(tmp_path, fresh_accelerate_state, grad_clip):
     # One process, on the CPU: there the stop/timer agreement runs every step (on a GPU every 10), so this
     # covers it too. Steps 1-3 of the first epoch: no logging step (log_every 100), no epoch end.
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, grad_clip=grad_clip)
     state = RunState()
-    steps = optimizer_steps(
-        accelerator,
-        parts,
-        cfg,
-        state,
-        tracker=tracker,
-        stop=None,
-        checkpoints=_schedule_only(accelerator, cfg.checkpoint),
-    )
+    steps = _steps(cfg, accelerator, parts, tracker, state)
     next(steps)  # the first step builds the epoch's order and the optimizer state
     with HostReads() as reads:
         next(steps), next(steps)
@@ -311,15 +309,7 @@ def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path,
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=2)
     state = RunState()
     pause = 0.1  # an evaluation or a save, say
-    for _ in optimizer_steps(
-        accelerator,
-        parts,
-        cfg,
-        state,
-        tracker=tracker,
-        stop=None,
-        checkpoints=_schedule_only(accelerator, cfg.checkpoint),
-    ):
+    for _ in _steps(cfg, accelerator, parts, tracker, state):
         time.sleep(pause)
     tracker.finish()
     assert state.step == 8
@@ -337,18 +327,7 @@ def test_log_rows_carry_tflops_and_utilisation_and_epoch_rows_the_peak_memory(tm
     assert compute.flops_per_image == train_flops_per_image(TINY_MODEL_CONFIG) and compute.precision == "fp32"
     assert compute.peak_tflops > 0 and "matmul measured at start" in compute.peak_source  # a CPU: measured
     state = RunState()
-    memory = [
-        report.peak_memory_gb
-        for report in optimizer_steps(
-            accelerator,
-            parts,
-            cfg,
-            state,
-            tracker=tracker,
-            stop=None,
-            checkpoints=_schedule_only(accelerator, cfg.checkpoint),
-        )
-    ]
+    memory = [report.peak_memory_gb for report in _steps(cfg, accelerator, parts, tracker, state)]
     tracker.finish()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [row for row in rows if "train/loss" in row]
@@ -386,15 +365,7 @@ def test_the_weight_average_follows_every_step_weights_and_batchnorm_statistics_
     trained = parts.model
     floats = lambda module: {k: v.clone() for k, v in module.state_dict().items() if v.is_floating_point()}  # noqa: E731
     by_hand = None
-    for _ in optimizer_steps(
-        accelerator,
-        parts,
-        cfg,
-        RunState(),
-        tracker=tracker,
-        stop=None,
-        checkpoints=_schedule_only(accelerator, cfg.checkpoint),
-    ):
+    for _ in _steps(cfg, accelerator, parts, tracker, RunState()):
         now = floats(trained)  # weights, BatchNorm running means and variances after this step
         # the first step's weights, then decay x average + (1 - decay) x weights, written out by hand
         by_hand = now if by_hand is None else {k: decay * by_hand[k] + (1 - decay) * now[k] for k in now}
