@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from support import (  # noqa: E402
+from support import (
+    RESTART_ARGS,
+    RESTART_TOTAL_STEPS,  # noqa: E402
     TORCHRUN,
     TRAIN,
     accelerate_launch,
@@ -38,8 +40,7 @@ from support import (  # noqa: E402
     write_parquet_dataset,
 )
 
-ARGS = ("--train.epochs", "4", "--checkpoint.every_steps", "3", "--train.mixed_precision", "no")
-TOTAL_STEPS = 32
+ARGS, TOTAL_STEPS = RESTART_ARGS, RESTART_TOTAL_STEPS
 
 
 def launcher(name: str) -> list[str]:

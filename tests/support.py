@@ -33,6 +33,11 @@ CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 
 # A network small enough for CPU tests that are about the loop, not the seed network's accuracy.
 TINY_MODEL_CONFIG = ModelConfig(block_channels=[8, 8, 16, 16, 24, 24], classifier_hidden=[32])
+
+# The restart experiment (tests/launch/test_restarts.py, scripts/restart_trials.py): 8 steps an epoch, 32 in all, a
+# checkpoint every 3 steps; fp32 whatever the CPU, so that runs compare bit for bit
+RESTART_ARGS = ("--train.epochs", "4", "--checkpoint.every_steps", "3", "--train.mixed_precision", "no")
+RESTART_TOTAL_STEPS = 32
 TINY_MODEL = ["--model.block_channels", "[8,8,16,16,24,24]", "--model.classifier_hidden", "[32]"]
 
 

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from support import (
+    RESTART_ARGS,
+    RESTART_TOTAL_STEPS,
     TORCHRUN,
     accelerate_launch,
     finish,
@@ -26,9 +28,7 @@ from support import (
     train_args,
 )
 
-# 8 steps an epoch, 32 in all, a checkpoint every 3 steps; fp32 whatever the CPU, so that runs compare bit for bit
-ARGS = ("--train.epochs", "4", "--checkpoint.every_steps", "3", "--train.mixed_precision", "no")
-TOTAL_STEPS = 32
+ARGS, TOTAL_STEPS = RESTART_ARGS, RESTART_TOTAL_STEPS
 
 
 @pytest.fixture(scope="module")
