@@ -26,17 +26,20 @@ def wait_for_device(device: torch.device) -> None:
 
 def hardware(accelerator: Accelerator) -> dict:
     """What the run is on, for the tracker's run config and the benchmark's report."""
-    if accelerator.device.type == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
     return {
         "device": str(accelerator.device),
-        "device_name": name,
+        "device_name": device_name(accelerator.device),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "distributed_type": str(accelerator.distributed_type),
     }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo ("cpu" where there is none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "cpu")
 
 
 def _cpuinfo() -> list[str]:

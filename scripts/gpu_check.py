@@ -1,9 +1,13 @@
 """The GPU check: the benchmark, the default recipe and the seed recipe on one GPU, in one go.
 
     python scripts/gpu_check.py [--data DIR] [--out results] [--budget SECONDS] [--only NAME,...] [--dry-run]
+                                [--runs DIR] [--resume]
 
 In order, each result written to --out as soon as it is known (one JSON file per run, named
-<date>-<device>-<run>.json), every command and its output also in <date>-<device>-log.txt:
+<date>-<device>-<run>.json, with the run's curves.png beside it as <date>-<device>-<run>-curves.png), every
+command and its output also in <date>-<device>-log.txt. Without a GPU the runs train on the CPU and <device>
+reads cpu-<model>: `--only default --resume` there is the long CPU run of the default recipe (bf16 CPUs only:
+~105 min on 2 cores; fp32 is ~6x slower).
 
   benchmark  python -m distcifar.benchmark on configs/default.yaml (bf16 + channels_last where the GPU
              has native bf16): images/s of the bare PyTorch loop and of train.py's step, their ratio,
@@ -20,8 +24,9 @@ skips a run that would not fit in what is left (saying so), and it stops any com
 end. --dry-run runs every step on the CPU with a tiny network and a few hundred images, so that the
 GPU run cannot fail on a typo; its figures mean nothing.
 
-Training runs go to <runs>/<run> (default /tmp/distcifar-gpu-check), with --resume never and no
-W&B (--tracking.report_to none); --data DIR is passed as --data.path (default: the hub's cifar10).
+Training runs go to <runs>/<run> (default /tmp/distcifar-gpu-check), afresh (--resume never) unless --resume
+is given, which continues what an interrupted check left there (--resume auto); no W&B (--tracking.report_to
+none); --data DIR is passed as --data.path (default: the hub's cifar10).
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # distcifar, installed or not
+
+from distcifar.plot import CURVES_PNG  # noqa: E402
+
 TARGET = 0.93
 SEED_PUBLISHED = 0.8365  # the coursework's test accuracy with configs/seed.yaml's recipe, on one T4
 STEPS = ("benchmark", "default", "seed", "variants", "compile")
@@ -162,7 +171,8 @@ class Check:
                 return None
             self.say(f"{name}: predicted {predicted:.0f} s, {self.left():.0f} s left")
         run_dir = Path(self.args.runs) / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # a new measurement: nothing of an earlier one in its metrics
+        if not self.args.resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a new measurement: nothing of an earlier one in its metrics
         command = [
             sys.executable,
             "-m",
@@ -172,7 +182,7 @@ class Check:
             "--output_dir",
             str(run_dir),
             "--resume",
-            "never",
+            "auto" if self.args.resume else "never",
             "--tracking.report_to",
             "none",
             *self.data,
@@ -182,6 +192,8 @@ class Check:
         code = self.run(command)
         result = self.header(recipe, command, code) | training_result(run_dir)
         result["overrides"] = extra
+        if (run_dir / CURVES_PNG).exists():
+            shutil.copyfile(run_dir / CURVES_PNG, self.out / f"{self.prefix}-{name}-curves.png")
         if result["finished"] and self.left() > 30:  # costs an evaluation, not a training run
             result["test_accuracy_hflip"] = self.mirror_accuracy(run_dir)
         self.write(name, result)
@@ -234,10 +246,15 @@ class Check:
 
 
 def device() -> tuple[str, str]:
+    """The device the runs train on, and torch's version. A CPU's name starts with "CPU": its figures are CPU figures
+    (the prefix of every file written then reads <date>-cpu-<model>)."""
     import torch
 
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return name, torch.__version__
+    from distcifar.hardware import device_name
+
+    if torch.cuda.is_available():
+        return device_name(torch.device("cuda", 0)), torch.__version__
+    return f"CPU {device_name(torch.device('cpu'))}", torch.__version__
 
 
 def training_result(run_dir: Path) -> dict:
@@ -288,6 +305,12 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0, help="seconds for the whole script (0: no limit)")
     parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps of {', '.join(STEPS)}")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny network and data: proves it runs")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each training run from the checkpoints in its --runs folder (train.py --resume auto) instead "
+        "of starting it afresh: for a run longer than one sitting, e.g. the default recipe on a CPU",
+    )
     args = parser.parse_args()
     only = args.only.split(",")
     unknown = set(only) - set(STEPS)

@@ -2,6 +2,7 @@
 of the real recipes, shrunk), so that the run on a borrowed GPU cannot fail on a typo; and each result file
 holds what the README's Results table is made from."""
 
+import datetime
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 from support import REPO
 
 
-def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_path, synthetic_data):
+def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues_a_run(tmp_path, synthetic_data):
     out = tmp_path / "out"
     command = [
         sys.executable,
@@ -28,16 +29,20 @@ def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    names = sorted(path.name.split("-cpu-")[1] for path in out.iterdir())
-    assert names == ["benchmark.json", "default.json", "log.txt"]
+    prefix = next(out.glob("*-log.txt")).name.removesuffix("log.txt")  # <date>-cpu-<model>-: CPU figures say so
+    assert prefix.startswith(f"{datetime.date.today().isoformat()}-cpu-")
+    names = sorted(path.name.removeprefix(prefix) for path in out.iterdir())
+    assert names == ["benchmark.json", "default-curves.png", "default.json", "log.txt"]
+    assert (out / f"{prefix}default-curves.png").read_bytes() == (tmp_path / "runs/default/curves.png").read_bytes()
 
-    benchmark = json.loads(next(out.glob("*-cpu-benchmark.json")).read_text())
+    benchmark = json.loads(next(out.glob("*-cpu-*benchmark.json")).read_text())
     assert benchmark["device_name"] and benchmark["recipe"] == "configs/default.yaml" and benchmark["dry_run"]
     assert benchmark["loop_images_per_second"] > 0 and benchmark["loop_vs_bare_ratio"] > 0
 
-    default = json.loads(next(out.glob("*-cpu-default.json")).read_text())
+    default = json.loads(next(out.glob("*-cpu-*default.json")).read_text())
     summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())
     assert default["exit_code"] == 0 and default["finished"] and default["dry_run"]
+    assert default["device_name"].startswith("CPU ")  # a CPU figure says so
     assert default["recipe"] == "configs/default.yaml" and default["test_accuracy"] == summary["test_accuracy"]
     assert default["images_per_second"] == summary["images_per_second"] > 0
     epochs = default["epochs"]
@@ -51,10 +56,19 @@ def test_dry_run_writes_each_result_with_the_fields_the_results_table_needs(tmp_
     assert mirrored["eval_hflip"] and mirrored["eval_samples"] == summary["eval_samples"]
     assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"]
 
-    log = next(out.glob("*-cpu-log.txt")).read_text()
-    for command in (
+    log = next(out.glob("*-cpu-*log.txt")).read_text()
+    for logged in (
         "-m distcifar.benchmark --config configs/default.yaml",
         "-m distcifar.train --config configs/default.yaml",
         "-m distcifar.evaluate",
     ):
-        assert command in log
+        assert logged in log
+
+    # --resume (the long CPU run, across sittings): the run folder is continued, not started afresh. Here the run
+    # had finished, so nothing is trained again and the result is written anew with the same evaluations.
+    again = subprocess.run(
+        [*command[:4], "default", "--resume", *command[5:]], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "--resume auto" in again.stdout and "resumed from" in again.stdout
+    assert json.loads(next(out.glob("*-cpu-*default.json")).read_text())["epochs"] == epochs
