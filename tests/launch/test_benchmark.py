@@ -126,8 +126,11 @@ def test_two_processes_report_total_throughput_communication_share_and_efficienc
     assert two["total_images_per_second"] == sum(two["rank_images_per_second"])
     assert two["nosync_skips_all_reduce"] is True  # the ranks drifted apart in a no-sync step
     assert two["nosync_images_per_second"] > 0 and len(two["runs"]["nosync"]) == two["repetitions"]
-    assert -1 < two["communication_share"] < 1
-    assert two["communication_share"] == statistics.median(two["runs"]["communication_share"])
+    # the share is 1 - t_nosync / t_sync paired run by run, then the median; its size is a timing, which a loaded
+    # machine (the other test worker) can push anywhere, so it is measured in results/, not bounded here
+    paired = [1 - loop / nosync for loop, nosync in zip(two["runs"]["loop"], two["runs"]["nosync"], strict=True)]
+    assert two["runs"]["communication_share"] == paired and len(paired) == two["repetitions"]
+    assert two["communication_share"] == statistics.median(paired)
     params = two["model_parameters"]
     assert two["gradient_megabytes"] == params * 4 / 1e6  # fp32 gradients, no comm hook
     assert two["allreduce_megabytes_per_process"] == params * 4 / 1e6  # 2 (N-1)/N = 1 for N = 2
