@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from support import (
+from support import (  # noqa: E402
     RESTART_ARGS,
-    RESTART_TOTAL_STEPS,  # noqa: E402
+    RESTART_TOTAL_STEPS,
     TORCHRUN,
     TRAIN,
     accelerate_launch,
@@ -40,8 +40,6 @@ from support import (
     write_parquet_dataset,
 )
 
-ARGS, TOTAL_STEPS = RESTART_ARGS, RESTART_TOTAL_STEPS
-
 
 def launcher(name: str) -> list[str]:
     if name == "torchrun":
@@ -52,7 +50,7 @@ def launcher(name: str) -> list[str]:
 def trial(number: int, name: str, root: Path, data: Path, reference: dict, delay_s: float, timeout: float) -> dict:
     out = root / f"trial{number:02d}"
     began = time.monotonic()
-    process = start(launcher(name) + train_args(out, data, *ARGS), None, True)
+    process = start(launcher(name) + train_args(out, data, *RESTART_ARGS), None, True)
     try:
         sigkill_rank_after(process, out / "checkpoints" / "step_00000006", rank=1, delay_s=delay_s)
         killed = True
@@ -69,7 +67,7 @@ def trial(number: int, name: str, root: Path, data: Path, reference: dict, delay
         weights = load_file(final)
         result["bit_identical"] = all(torch.equal(reference[k], weights[k]) for k in reference)
         steps = [row["step"] for row in read_metrics(out) if "train/loss" in row]
-        result["each_step_once"] = steps == list(range(1, TOTAL_STEPS + 1))
+        result["each_step_once"] = steps == list(range(1, RESTART_TOTAL_STEPS + 1))
     result["passed"] = bool(
         killed and code == 0 and result["resumed_at"] and result.get("bit_identical") and result.get("each_step_once")
     )
@@ -91,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="distcifar-restarts-") as scratch:
         root = Path(args.keep or scratch)
         data = write_parquet_dataset(root / "data")
-        run(launch_command(2) + train_args(root / "uninterrupted", data, *ARGS), timeout=args.timeout)
+        run(launch_command(2) + train_args(root / "uninterrupted", data, *RESTART_ARGS), timeout=args.timeout)
         reference = load_file(root / "uninterrupted" / "final" / "model.safetensors")
         results = []
         for number in range(1, args.trials + 1):

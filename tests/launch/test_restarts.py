@@ -28,13 +28,11 @@ from support import (
     train_args,
 )
 
-ARGS, TOTAL_STEPS = RESTART_ARGS, RESTART_TOTAL_STEPS
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, synthetic_data):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run(launch_command(2) + train_args(out, synthetic_data, *ARGS))
+    run(launch_command(2) + train_args(out, synthetic_data, *RESTART_ARGS))
     return load_file(out / "final" / "model.safetensors")
 
 
@@ -44,7 +42,7 @@ def _assert_finished_as_if_uninterrupted(out, output: str, uninterrupted: dict) 
     resumed from."""
     resumed = re.findall(rf"resumed from {re.escape(str(out / 'checkpoints'))}/step_\d+ at step (\d+)", output)
     assert len(resumed) == 1 and int(resumed[0]) > 0, output[-4000:]
-    assert [row["step"] for row in read_metrics(out) if "train/loss" in row] == list(range(1, TOTAL_STEPS + 1))
+    assert [row["step"] for row in read_metrics(out) if "train/loss" in row] == list(range(1, RESTART_TOTAL_STEPS + 1))
     assert not (out / ".lock").exists()
     weights = load_file(out / "final" / "model.safetensors")
     different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], weights[name])]
@@ -58,7 +56,7 @@ def test_torchrun_restarts_a_sigkilled_rank_and_finishes_bit_identical(tmp_path,
     out = tmp_path / "run"
     command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max-restarts", "1", probe("instrumented_train")]
     kill = {"PROBE_FAIL_RANK": "1", "PROBE_FAIL_STEP": "11", "PROBE_KILL": "1"}
-    args = train_args(out, synthetic_data, *ARGS, "--tracking.report_to", "wandb")
+    args = train_args(out, synthetic_data, *RESTART_ARGS, "--tracking.report_to", "wandb")
     code, stdout, stderr = finish(start(command + args, {**os.environ, **kill}, True), 400)
     assert code == 0, (stdout + stderr)[-6000:]
     assert "exitcode: -9" in stderr  # the launcher saw the SIGKILL
@@ -67,7 +65,7 @@ def test_torchrun_restarts_a_sigkilled_rank_and_finishes_bit_identical(tmp_path,
     first, second = offline_runs(out, 2)
     assert first["id"] == second["id"]
     assert max(first["history"]) == 11  # what the killed attempt logged past its checkpoint...
-    assert min(second["history"]) == 10 and max(second["history"]) == TOTAL_STEPS  # ...is logged again
+    assert min(second["history"]) == 10 and max(second["history"]) == RESTART_TOTAL_STEPS  # ...is logged again
 
 
 def test_accelerate_restarts_a_rank_that_stops_answering_after_the_collective_timeout(
@@ -78,9 +76,9 @@ def test_accelerate_restarts_a_rank_that_stops_answering_after_the_collective_ti
     out = tmp_path / "run"
     command = [*accelerate_launch("cpu_multi.yaml", "--max_restarts", "1"), probe("instrumented_train")]
     hang = {"PROBE_FAIL_RANK": "1", "PROBE_FAIL_STEP": "8", "PROBE_HANG": "1"}
-    args = train_args(out, synthetic_data, *ARGS, "--train.collective_timeout_s", "30")
+    args = train_args(out, synthetic_data, *RESTART_ARGS, "--train.collective_timeout_s", "30")
     code, stdout, stderr = finish(start(command + args, {**os.environ, **hang}, True), 500)
     assert code == 0, (stdout + stderr)[-6000:]
     assert "rank 1 stops answering at step 8" in stderr
     _assert_finished_as_if_uninterrupted(out, stdout, uninterrupted)
-    assert json.loads((out / "summary.json").read_text())["global_step"] == TOTAL_STEPS
+    assert json.loads((out / "summary.json").read_text())["global_step"] == RESTART_TOTAL_STEPS
