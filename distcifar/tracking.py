@@ -101,6 +101,19 @@ def _drop_rows_after(path: Path, step: int) -> None:
         write_atomically(path, "".join(line + "\n" for line in kept))
 
 
+def _set_aside(path: Path) -> None:
+    """A new run (--resume never, --checkpoint.weights_only) in a folder an earlier run logged to: its rows are
+    kept, renamed to metrics.1.jsonl (the first free number), and this run's start a file of their own, so that
+    curves.png and scripts read one run, not two interleaved."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    number = 1
+    while (kept := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
+        number += 1
+    os.replace(path, kept)
+    print(f"[tracking] a new run: the earlier run's {path.name} is kept as {kept}", file=sys.stderr, flush=True)
+
+
 def class_names(num_classes: int) -> list[str]:
     return list(CLASSES) if num_classes == len(CLASSES) else [f"class{i}" for i in range(num_classes)]
 
@@ -132,6 +145,8 @@ class Tracker:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if start_step is not None and self._continues():
             _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
+        elif start_step is not None:
+            _set_aside(self.output_dir / plot.METRICS_FILE)
         self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")  # noqa: SIM115 - open for the run's life
         if self.report_to != "none":
             self._start(hardware)

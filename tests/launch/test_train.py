@@ -275,7 +275,11 @@ def test_resume_finished_part_then_never_then_an_older_path(tmp_path, synthetic_
     result = run(launch_command(1, launcher="python") + train_args(out, synthetic_data, "--resume", "never"))
     assert "resumed" not in result.stdout
     assert json.loads((out / "summary.json").read_text())["global_step"] == 16
-    assert [m["step"] for m in read_metrics(out) if "train/loss" in m][-16:] == list(range(1, 17))
+    # a new run in the folder: its own metrics.jsonl; the earlier run's rows kept beside it, as they were
+    assert [m["step"] for m in read_metrics(out) if "train/loss" in m] == list(range(1, 17))
+    assert f"the earlier run's metrics.jsonl is kept as {out / 'metrics.1.jsonl'}" in result.stderr
+    earlier = [json.loads(line) for line in (out / "metrics.1.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in earlier if "train/loss" in row] == steps
     # a folder that is not there is a usage error
     result = run(
         launch_command(1, launcher="python") + train_args(other, synthetic_data, "--resume", str(tmp_path / "nope")),

@@ -190,7 +190,7 @@ def test_resumed_run_keeps_the_id_and_steps_continue(tmp_path, offline_wandb, mo
 
 
 @pytest.mark.parametrize("resume", ["auto", "never"])
-def test_a_restart_drops_the_rows_its_dead_attempt_logged_after_the_checkpoint(tmp_path, resume):
+def test_a_restart_drops_the_rows_its_dead_attempt_logged_and_a_new_run_sets_the_file_aside(tmp_path, resume):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     rows = [json.dumps({"step": step, "train/loss": 1.0}) for step in range(1, 9)]
@@ -201,11 +201,12 @@ def test_a_restart_drops_the_rows_its_dead_attempt_logged_after_the_checkpoint(t
     tracker = Tracker(accelerator, cfg, output_dir, None, HARDWARE, start_step=6)  # resumed from step 6
     tracker.log({"train/loss": 0.5}, step=7)
     tracker.finish()
-    logged = (output_dir / "metrics.jsonl").read_text()
     if resume == "auto":  # the same run again: steps 7 and 8 are logged anew, once
         assert [row["step"] for row in read_metrics(output_dir)] == [1, 2, 3, 4, 5, 6, 7]
-    else:  # --resume never starts another run: the file is left as it was, and appended to
-        assert logged.startswith("\n".join(rows)) and logged.endswith('{"step": 7, "train/loss": 0.5}\n')
+        assert not (output_dir / "metrics.1.jsonl").exists()
+    else:  # --resume never starts another run: the old file is kept as it was, beside, and the new one is its own
+        assert (output_dir / "metrics.1.jsonl").read_text() == "\n".join(rows) + '\n{"step": 9, "train/lo'
+        assert (output_dir / "metrics.jsonl").read_text() == '{"step": 7, "train/loss": 0.5}\n'
 
 
 def test_the_run_id_is_kept_in_the_output_folder_from_the_start(tmp_path, offline_wandb, model, monkeypatch, capsys):
