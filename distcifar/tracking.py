@@ -136,6 +136,7 @@ class Tracker:
         self.report_to = report_to(cfg.tracking)
         self.is_main = accelerator.is_main_process
         self.run_id = self._pick_run_id(run_id)
+        self.git_commit = git_commit()  # at the start: the code that runs, whatever is committed while it does
         self._wandb_run = None  # the wandb Run while W&B is on
         self._plotter: subprocess.Popen | None = None  # the background redraw of the PNGs
         self._plots_outdated = False  # rows were logged after the last redraw started
@@ -185,7 +186,7 @@ class Tracker:
 
     def _start(self, hardware: dict) -> None:
         tracking = self.cfg.tracking
-        run_config = {**flatten(self.cfg.to_dict()), **hardware, "git_commit": git_commit()}
+        run_config = {**flatten(self.cfg.to_dict()), **hardware, "git_commit": self.git_commit}
         if self.report_to == "tensorboard":  # add_hparams takes only numbers, strings and bools
             run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_config.items()}
         # Only what the config sets goes to wandb.init: init arguments beat the environment, so the

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if result is None:  # resumed from a finished run (or one that reached its target): nothing trained, evaluate once
         result = evaluation.run(state, log=False)
-    summary = summarize(cfg, accelerator, training, start, state, result)
+    summary = summarize(cfg, accelerator, training, start, state, result, tracker.git_commit)
     finish(cfg, accelerator, training, tracker, summary)
 
 
@@ -266,7 +266,9 @@ class Evaluation:
         return reached
 
 
-def summarize(cfg: Config, accelerator, training: Training, start: RunState, state: RunState, result: dict) -> dict:
+def summarize(
+    cfg: Config, accelerator, training: Training, start: RunState, state: RunState, result: dict, commit: str | None
+) -> dict:
     """summary.json: the final evaluation and what the run took (images/s, TFLOP/s and utilisation: this attempt's,
     from `start`; peak memory: the most any process has held). Collective: call on every rank."""
     steps_per_epoch = training.batches.steps_per_epoch
@@ -297,7 +299,7 @@ def summarize(cfg: Config, accelerator, training: Training, start: RunState, sta
         "global_batch_size": cfg.train.batch_size,
         "tracker_run_id": state.tracker_run_id,
         "model_parameters": sum(p.numel() for p in training.evaluated_model.parameters()),
-        "git_commit": tracking.git_commit(),
+        "git_commit": commit,  # the code this attempt started with
         **_average_summary(cfg, result),
         **_target_summary(cfg, state, steps_per_epoch),
     }
