@@ -59,9 +59,10 @@ def _check_compute_figures(stdout: str, summary: dict, rows: list[dict]) -> None
     at each epoch end; each figure consistent with the images/s it comes from."""
     flops = summary["train_flops_per_image"]
     header = re.search(
-        r"([\d.]+) GFLOP per training image .* \| peak ([\d.]+) TFLOP/s \(fp32 .*matmul measured", stdout
+        r"([\d.]+) GFLOP per training image .* \| peak ([\d.]+) TFLOP/s \((fp32|bf16) .*matmul measured", stdout
     )
     assert header and float(header[1]) == pytest.approx(flops / 1e9, rel=1e-2), stdout[:2000]
+    assert header[3] == summary["compute_precision"]  # the peak of the precision the run computes in (CPU: its own)
     assert float(header[2]) == pytest.approx(summary["peak_tflops"], rel=1e-2)
     assert summary["tflops"] == pytest.approx(summary["images_per_second"] * flops / 1e12, rel=1e-9)
     assert summary["mfu"] == pytest.approx(summary["tflops"] / summary["peak_tflops"], rel=1e-9)
@@ -338,6 +339,9 @@ def test_keep_best_tensorboard_data_file_and_val_size(tmp_path, synthetic_data):
             "30",
             "--tracking.report_to",
             "tensorboard",
+            # fp32 whatever the CPU: in bf16 (a CPU with AVX-512-BF16) the third epoch did not forget
+            "--train.mixed_precision",
+            "no",
         )
     )
     # --data.path FILE (train only) + val_size: 200 training images, 56 held out for evaluation
