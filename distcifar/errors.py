@@ -14,6 +14,7 @@ another rank states: only the main process prints it (distcifar.ranks.fail_toget
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import sys
@@ -89,6 +90,23 @@ def entry_point(main):
                         file.write(f"{code}\n")
                 except OSError:  # not on the launching host: the launcher's code stands
                     pass
-            sys.exit(code)
+            exit_process(code)
 
     return run
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`; in a run of several processes, without the interpreter's own teardown.
+
+    Once torch.distributed is set up, the atexit handlers run (the output lock, W&B) and the process ends
+    with os._exit: a rank tearing down torch.distributed's C++ state at interpreter exit was seen to abort
+    now and then ("terminate called without an active exception", SIGABRT), after a finished run and after
+    a failed one, so the launcher and Slurm saw -6 instead of the run's own code. Code 0 alone returns."""
+    dist = sys.modules.get("torch.distributed")  # not imported by this module: plot.py never needs torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import sys
-
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
+
+from distcifar.errors import exit_process
 
 
 def print_once(*args) -> None:
@@ -58,17 +56,8 @@ def take_main_process_buffers(accelerator: Accelerator, module: torch.nn.Module)
 
 
 def end_run(accelerator: Accelerator, exit_code: int = 0) -> None:
-    """End the run on every rank together, then exit with `exit_code` (return when it is 0 and alone).
-
-    With several processes the interpreter's own teardown is skipped once the atexit handlers have
-    run: a rank tearing down torch.distributed's C++ state at interpreter exit was seen to abort now
-    and then ("terminate called without an active exception", SIGABRT) after a run had finished."""
+    """End the run on every rank together, then exit with `exit_code` (return when it is 0 and alone;
+    several processes skip the interpreter's teardown: distcifar.errors.exit_process says why)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if accelerator.num_processes > 1:
-        atexit._run_exitfuncs()  # the output lock, W&B
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
-    if exit_code:
-        sys.exit(exit_code)
+    exit_process(exit_code)
