@@ -144,10 +144,11 @@ class Tracker:
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if start_step is not None and self._continues():
-            _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
-        elif start_step is not None:
-            _set_aside(self.output_dir / plot.METRICS_FILE)
+        if start_step is not None:  # a new run keeps an earlier run's rows beside its own file
+            if self._continues():
+                _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
+            else:
+                _set_aside(self.output_dir / plot.METRICS_FILE)
         self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")  # noqa: SIM115 - open for the run's life
         if self.report_to != "none":
             self._start(hardware)
