@@ -53,12 +53,13 @@ from distcifar.plot import CURVES_PNG  # noqa: E402
 TARGET = 0.93
 SEED_PUBLISHED = 0.8365  # the coursework's test accuracy with configs/seed.yaml's recipe, on one T4
 STEPS = ("benchmark", "default", "seed", "variants", "compile")
-# What the default recipe's curves may need if it stays under 93%, in the order to try, one run each.
-# The seed head's three Dropout(0.5) layers slowed early learning several-fold on the CPU (a quarter-width
-# net on 10k images: 38% test accuracy after 2 epochs without dropout, ~17% with it).
+# What the default recipe may need if it stays under 93%, in the order to try, one run each. Measured on a
+# CPU (docs/recipes.md): the default recipe fits its augmented training images almost exactly by the end
+# (training loss 0.52 against the 0.50 floor label smoothing 0.1 sets), so first more augmentation, then a
+# larger learning rate (0.1 at batch 512 is a quarter of the common 0.1 per 128 images).
 VARIANTS = {
-    "default-dropout0": ["--model.dropout", "0.0"],
-    "default-dropout0-lr0.2": ["--model.dropout", "0.0", "--optim.lr", "0.2"],
+    "default-cutout": ["--data.augment", "[crop,hflip,cutout]"],
+    "default-lr0.2": ["--optim.lr", "0.2"],
 }
 DRY_RUN_EVALUATE = ["--data.eval_limit", "500"]
 DRY_RUN_TRAIN = [

@@ -38,6 +38,7 @@ def test_recipes_are_what_the_readme_says():
     assert (cpu.data.train_limit, cpu.data.eval_limit) == (0, 0)  # all 50,000 training and 10,000 test images
     assert cpu.model.block_channels != Config().model.block_channels  # width-scaled, not the full-size network
     default = load_config(["--config", str(REPO / "configs" / "default.yaml")])
+    assert default.model.dropout == 0.0 and Config().model.dropout == 0.5  # the seed's head, without its dropout
     optim = default.optim
     assert (optim.name, optim.nesterov, optim.lr, optim.schedule, optim.warmup_epochs) == (
         "sgd",
