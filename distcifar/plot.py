@@ -11,6 +11,7 @@ plotting state or needs a display.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from distcifar.errors import UsageError, entry_point
 from distcifar.files import replaced_atomically, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"  # train.py writes the run's whole config there
 CONFUSION_FILE = "confusion.json"
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -69,8 +71,26 @@ def _save(fig, path: Path) -> None:
         fig.savefig(temporary, format="png", dpi=100)
 
 
-def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """Loss, accuracy and learning rate against the optimizer step."""
+def training_loss_floor(config: dict) -> tuple[float, float] | None:
+    """(label smoothing, the lowest training loss it allows) for a run's config.json, None without smoothing.
+
+    Label smoothing e over K classes trains against targets of 1 - e + e/K and e/K, and cross-entropy against
+    them cannot go below their entropy (0.50 for e 0.1 and 10 classes), while the evaluation loss is plain
+    cross-entropy. Without this floor drawn, a training curve above the evaluation curve reads as a network
+    held back when it may fit its training images almost exactly (docs/recipes.md)."""
+    smoothing = config.get("optim", {}).get("label_smoothing", 0.0)
+    classes = config.get("model", {}).get("num_classes", 10)
+    if not smoothing:
+        return None
+    high, low = 1 - smoothing + smoothing / classes, smoothing / classes
+    return smoothing, -(high * math.log(high) + (classes - 1) * low * math.log(low))
+
+
+def draw_curves(
+    series: dict[str, list[tuple[int, float]]], path: Path, loss_floor: tuple[float, float] | None = None
+) -> None:
+    """Loss, accuracy and learning rate against the optimizer step; `loss_floor` (training_loss_floor) is drawn
+    under the training loss."""
     from matplotlib.figure import Figure  # imported here: it adds ~0.7 s to every training launch
 
     fig = Figure(figsize=(15, 4.5), layout="constrained")
@@ -98,6 +118,10 @@ def draw_curves(series: dict[str, list[tuple[int, float]]], path: Path) -> None:
                     marker="o" if is_eval else None,
                     markersize=4,
                 )
+        if ax is loss_ax and loss_floor and "train/loss" in series:
+            smoothing, floor = loss_floor
+            floor_label = f"lowest training loss (label smoothing {smoothing:g})"
+            ax.axhline(floor, color="gray", linestyle="--", label=floor_label)
         if any(label for key, label in lines if key in series):
             ax.legend()
         if not ax.lines:
@@ -151,7 +175,9 @@ def redraw(output_dir: Path) -> list[Path]:
     """Redraw curves.png (and confusion.png when confusion.json exists); return the files written."""
     output_dir = Path(output_dir)
     written = [output_dir / CURVES_PNG]
-    draw_curves(read_series(output_dir / METRICS_FILE), written[0])
+    config_path = output_dir / CONFIG_FILE
+    loss_floor = training_loss_floor(json.loads(config_path.read_text())) if config_path.is_file() else None
+    draw_curves(read_series(output_dir / METRICS_FILE), written[0], loss_floor)
     confusion_path = output_dir / CONFUSION_FILE
     if confusion_path.is_file():
         written.append(output_dir / CONFUSION_PNG)

@@ -450,3 +450,22 @@ def test_the_standard_wandb_variables_apply_where_the_config_is_silent(tmp_path,
     (run,) = offline_runs(output_dir, count=1)
     assert run["id"] == "given0002"
     assert run["init"] == {"project": "from-config", "name": "config-name", "group": "env-group", "tags": ["c"]}
+
+
+@pytest.mark.parametrize(("smoothing", "floor"), [(0.1, 0.5003), (0.0, None)])
+def test_the_loss_plot_draws_the_floor_label_smoothing_sets(tmp_path, monkeypatch, smoothing, floor):
+    drawn = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
+    rows = [{"step": 10, "train/loss": 0.9, "train/lr": 0.1}, {"step": 10, "eval/loss": 0.4, "eval/accuracy": 0.9}]
+    (tmp_path / plot.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = Config(output_dir=str(tmp_path))
+    config.optim.label_smoothing = smoothing
+    (tmp_path / plot.CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    plot.redraw(tmp_path)
+    loss_ax = drawn[plot.CURVES_PNG].axes[0]
+    floors = [line for line in loss_ax.lines if line.get_label().startswith("lowest training loss")]
+    if floor is None:
+        assert floors == []
+    else:  # the entropy of the smoothed target: -(0.91 ln 0.91 + 9 x 0.01 ln 0.01)
+        assert floors[0].get_label() == "lowest training loss (label smoothing 0.1)"
+        assert floors[0].get_ydata()[0] == pytest.approx(floor, abs=1e-4)
