@@ -88,7 +88,8 @@ def test_a_train_py_run_killed_before_its_first_checkpoint_continues_its_wandb_r
     monkeypatch.setattr(plot, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
     plot.redraw(out)
     loss_ax, accuracy_ax, lr_ax = drawn[plot.CURVES_PNG].axes[:3]
-    assert sorted(line.get_label() for line in loss_ax.lines) == ["eval", "train"]
+    labels = sorted(line.get_label() for line in loss_ax.lines)  # the default label smoothing, 0.1: its floor too
+    assert labels == ["eval", "lowest training loss (label smoothing 0.1)", "train"]
     assert [line.get_label() for line in accuracy_ax.lines] == ["eval"] and len(lr_ax.lines) == 1
     assert len(lr_ax.lines[0].get_xydata()) == 128  # steps 1-128, the killed attempt's replaced
 
