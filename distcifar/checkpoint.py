@@ -302,7 +302,9 @@ def check_finite(model: torch.nn.Module, step: int) -> None:
 def check_compatible(saved: dict, current: dict, weights_only: bool) -> None:
     """Raise CheckpointError naming every field that differs between the saved and current config."""
     must_match = ("model",) if weights_only else RESUME_MUST_MATCH
-    saved_flat, current_flat = flatten(saved), flatten(current)
+    # A field added since the checkpoint was made had its default then: distcifar adds a field only with a default
+    # that keeps earlier runs as they were (data.crop_padding_mode zeros, say).
+    saved_flat, current_flat = {**flatten(Config().to_dict()), **flatten(saved)}, flatten(current)
     differing = [
         f"{key} (checkpoint {saved_flat.get(key)!r}, now {current_flat.get(key)!r})"
         for key in sorted(set(saved_flat) | set(current_flat))

@@ -91,7 +91,10 @@ class DataConfig:
     augment: list[Augmentation] = field(default_factory=lambda: ["crop", "hflip"])
     """Augmentations, applied on the device to each image with its own parameters."""
     crop_padding: int = 4
-    """Zero padding before the random 32x32 crop."""
+    """Pixels added on each side before the random 32x32 crop."""
+    crop_padding_mode: Literal["zeros", "reflect"] = "zeros"
+    """What the crop's padding holds: zeros (black) or the image reflected at its edges (as David Page's ResNet-9
+    recipe pads)."""
     rotate_degrees: float = 15.0
     """Largest rotation either way (augment: rotate)."""
     color_jitter: float = 0.2
@@ -163,6 +166,9 @@ class TrainConfig:
     always evaluated."""
     eval_hflip: bool = False
     """Test-time augmentation: evaluate each image and its mirror image, and average their logits."""
+    eval_translate: bool = False
+    """Test-time augmentation: also evaluate each view shifted by one pixel up-left and one down-right (reflect
+    padding), and average the logits of all views (with eval_hflip: six views)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights and BatchNorm statistics, updated after every optimizer
     step with this decay (e.g. 0.999; 0 = off). Evaluations, keep_best, stop_at_accuracy, final/ and its model card

@@ -244,12 +244,15 @@ def augment_params(batch: int, cfg: DataConfig, generator: torch.Generator, devi
     return params
 
 
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect"}  # data.crop_padding_mode -> F.pad's name for it
+
+
 def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConfig) -> torch.Tensor:
     """uint8 [B,3,32,32] -> normalized float. Crop and flips are one gather, cutout one mask; every image its own
     offsets."""
     batch, size = images.shape[0], images.shape[-1]
     pad = cfg.crop_padding if "crop" in cfg.augment else 0
-    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    padded = F.pad(images, (pad, pad, pad, pad), mode=_PAD_MODES[cfg.crop_padding_mode]) if pad else images
     ramp = torch.arange(size, device=images.device)
     cols = params["dx"][:, None] + torch.where(params["hflip"][:, None], size - 1 - ramp, ramp)
     rows = params["dy"][:, None] + torch.where(params["vflip"][:, None], size - 1 - ramp, ramp)
@@ -274,6 +277,27 @@ def augment(images: torch.Tensor, params: dict[str, torch.Tensor], cfg: DataConf
         inside = (ramp >= start[:, :, None]) & (ramp < start[:, :, None] + cfg.cutout_size)  # [B, 2, size]
         x = x.masked_fill((inside[:, 0, :, None] & inside[:, 1, None, :])[:, None], 0.0)
     return x
+
+
+def mirrored(images: torch.Tensor) -> torch.Tensor:
+    """Each image flipped left to right."""
+    return images.flip(-1)
+
+
+def translated(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Each image moved by (dy, dx) pixels, the uncovered edge filled by reflection (as reflect-padded crops are)."""
+    size, pad = images.shape[-1], max(abs(dy), abs(dx))
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    return padded[..., pad - dy : pad - dy + size, pad - dx : pad - dx + size]
+
+
+def tta_views(images: torch.Tensor, hflip: bool, translate: bool) -> list[torch.Tensor]:
+    """The views of a batch that test-time augmentation averages: the images, with `hflip` their mirror images,
+    with `translate` each of those moved one pixel up-left and one down-right."""
+    views = [images, mirrored(images)] if hflip else [images]
+    if translate:
+        views += [translated(view, shift, shift) for view in views for shift in (-1, 1)]
+    return views
 
 
 class TrainBatches:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distcifar.config import Config, OptimConfig
-from distcifar.data import Split, TrainBatches, normalize
+from distcifar.data import Split, TrainBatches, normalize, tta_views
 from distcifar.errors import DIVERGED_HINT, ConfigError, TrainingDiverged
 from distcifar.hardware import wait_for_device
 from distcifar.model import DistCifarNet, memory_format, uncompiled
@@ -250,20 +250,20 @@ def evaluate(
     *,
     num_classes: int,
     hflip: bool = False,
+    translate: bool = False,
     layout: torch.memory_format = torch.contiguous_format,
 ) -> dict:
-    """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once. With `hflip`
-    the logits are the mean of the image's and its mirror image's (test-time augmentation)."""
+    """Accuracy, loss, per-class accuracy and confusion matrix; every image counted exactly once. With `hflip` or
+    `translate` the logits are the mean of those of the image's test-time views (data.tta_views)."""
     model = uncompiled(model)  # torch.compile is for training: here it would recompile
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=accelerator.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for images, labels in loader:
+        views = tta_views(images, hflip, translate)
         with accelerator.autocast():
-            logits = model(normalize(images).contiguous(memory_format=layout)).float()
-            if hflip:
-                mirrored = normalize(images.flip(3)).contiguous(memory_format=layout)
-                logits = (logits + model(mirrored).float()) / 2
+            logits = sum(model(normalize(view).contiguous(memory_format=layout)).float() for view in views)
+        logits = logits / len(views)
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         predictions = labels * num_classes + logits.argmax(1)

@@ -6,7 +6,8 @@
 
 Prints accuracy, loss, per-class accuracy and the confusion matrix as a table, and as JSON to --output.
 Other options are config overrides (--data.path, --data.eval_limit, --train.eval_batch_size ...;
---train.eval_hflip true averages each image's logits with its mirror image's). --recompute_bn replaces the
+--train.eval_hflip true averages each image's logits with its mirror image's, --train.eval_translate true adds
+each view shifted by one pixel up-left and down-right). --recompute_bn replaces the
 BatchNorm running statistics by those of the training images before evaluating (docs/recipes.md).
 """
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         loader,
         num_classes=cfg.model.num_classes,
         hflip=cfg.train.eval_hflip,
+        translate=cfg.train.eval_translate,
         layout=memory_format(cfg.train.channels_last),
     )
     result.update(
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint=str(path),
         num_processes=accelerator.num_processes,
         eval_hflip=cfg.train.eval_hflip,
+        eval_translate=cfg.train.eval_translate,
         recompute_bn=args.recompute_bn,
     )
     if accelerator.is_main_process:

@@ -334,3 +334,25 @@ def test_checkpoints_without_an_average_load_as_before_and_the_average_restarts_
     _, plain_model, plain_optimizer, plain_scheduler = _trained_state(seed=7)
     _checkpointer(accelerator, averaged_run, cfg, 5, plain_model, plain_optimizer, plain_scheduler).load(folder)
     assert all(torch.equal(value, plain_model.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+def test_a_checkpoint_made_before_a_config_field_existed_resumes_with_its_default_and_not_with_another(
+    accelerator, tmp_path
+):
+    # data.crop_padding_mode came after the lr sweep of issue 31 started: its checkpoints must resume
+    cfg, *_ = _save(accelerator, tmp_path, 3)
+    state_file = tmp_path / "step_00000003" / "state.json"
+    saved = json.loads(state_file.read_text())
+    del saved["config"]["data"]["crop_padding_mode"]
+    state_file.write_text(json.dumps(saved))
+    manifest_file = tmp_path / "step_00000003" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    data = state_file.read_bytes()  # the manifest verifies every file: sign the edited one again
+    manifest["files"]["state.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
+    _, model, optimizer, scheduler = _trained_state()
+    state = _checkpointer(accelerator, tmp_path, cfg, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")
+    assert state.step == 3
+    reflect = _with(cfg, "data.crop_padding_mode", "reflect")
+    with pytest.raises(CheckpointError, match=r"data\.crop_padding_mode \(checkpoint 'zeros', now 'reflect'\)"):
+        _checkpointer(accelerator, tmp_path, reflect, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")

@@ -172,6 +172,45 @@ def test_flip_is_a_flip_and_centred_crop_is_identity():
     torch.testing.assert_close(shifted[..., :4], data.normalize(torch.zeros_like(x))[..., :4])
 
 
+def test_reflect_padding_fills_the_crop_s_border_with_the_image_mirrored_at_its_edge():
+    cfg = DataConfig(augment=["crop"], crop_padding=4, crop_padding_mode="reflect")
+    x = _uint8_batch(2)
+    # image 0 moved right by 4 and down by 4 (dx = dy = 0); image 1 left by 4 and up by 4 (dx = dy = 8)
+    out = augment(x, _params(2, cfg, dx=[0, 8], dy=[0, 8]), cfg)
+    # reflection without repeating the edge pixel: padded column j < 4 holds column 4 - j, by hand
+    expected0 = torch.empty(3, 32, 32, dtype=torch.uint8)
+    rows = [4 - r if r < 4 else r - 4 for r in range(32)]
+    cols = [4 - c if c < 4 else c - 4 for c in range(32)]
+    for r, source_row in enumerate(rows):
+        expected0[:, r] = x[0, :, source_row, cols]
+    torch.testing.assert_close(out[0], _standardise(expected0[None].float() / 255)[0])
+    # image 1's last column is padded column 39 of 40, which reflects column 27 of the image; its rows 0-27 are
+    # the image's rows 4-31
+    last_column = _standardise(x[1:2, :, 4:, 27:28].float() / 255)[0, :, :, 0]
+    torch.testing.assert_close(out[1, :, :28, 31], last_column)
+    zeros_cfg = DataConfig(augment=["crop"], crop_padding=4)
+    zeros = augment(x, _params(2, zeros_cfg, dx=[0, 8], dy=[0, 8]), zeros_cfg)
+    assert not torch.equal(zeros, out)  # the two modes differ (their centres agree: the plain test above)
+
+
+def test_test_time_views_are_the_images_their_mirrors_and_one_pixel_shifts_of_each():
+    x = _uint8_batch(3)
+    assert [torch.equal(v, x) for v in data.tta_views(x, hflip=False, translate=False)] == [True]
+    plain, mirror = data.tta_views(x, hflip=True, translate=False)
+    assert torch.equal(plain, x) and torch.equal(mirror, x.flip(3))
+    views = data.tta_views(x, hflip=True, translate=True)
+    assert len(views) == 6
+    for view, (source, shift) in zip(views[2:], [(x, -1), (x, 1), (x.flip(3), -1), (x.flip(3), 1)]):
+        # shift -1: pixel (r, c) comes from (r + 1, c + 1), the last row and column reflected (they hold row and
+        # column 30); shift +1: from (r - 1, c - 1), the first row and column holding row and column 1
+        if shift == -1:
+            torch.testing.assert_close(view[..., :31, :31], source[..., 1:, 1:])
+            torch.testing.assert_close(view[..., 31, :31], source[..., 30, 1:])
+        else:
+            torch.testing.assert_close(view[..., 1:, 1:], source[..., :31, :31])
+            torch.testing.assert_close(view[..., 0, 1:], source[..., 1, :31])
+
+
 def test_normalize_matches_hand_computed_pixels():
     # One pixel (R, G, B) = (255, 0, 128): (255/255 - 0.4914)/0.2470, (0 - 0.4822)/0.2435, (128/255 - 0.4465)/0.2616.
     pixel = torch.tensor([255, 0, 128], dtype=torch.uint8).view(1, 3, 1, 1)

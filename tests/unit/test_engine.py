@@ -358,6 +358,28 @@ def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accel
     assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-5)
 
 
+def test_translated_evaluation_averages_the_logits_of_six_views_each_image_shifted_one_pixel_both_ways(accelerator):
+    generator = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))  # not shift-invariant
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 4, (6,), generator=generator)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+
+    def shifted(x, by):  # reflect-padded by one pixel, then the 32x32 window `by` pixels down and right
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return padded[..., 1 - by : 33 - by, 1 - by : 33 - by]
+
+    views = [images, images.flip(3)]
+    views += [shifted(v, by) for v in views for by in (-1, 1)]
+    with torch.no_grad():
+        by_hand = sum(model(normalize(v)) for v in views) / 6
+    result = evaluate(accelerator, model, loader, num_classes=4, hflip=True, translate=True)
+    assert result["eval_loss"] == pytest.approx(F.cross_entropy(by_hand, labels).item(), rel=1e-5)
+    assert result["eval_accuracy"] * 6 == (by_hand.argmax(1) == labels).sum().item()
+    mirrored = evaluate(accelerator, model, loader, num_classes=4, hflip=True)
+    assert mirrored["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-5)
+
+
 def test_the_weight_average_follows_every_step_weights_and_batchnorm_statistics_alike(tmp_path, fresh_accelerate_state):
     decay = 0.8
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, ema_decay=decay)
