@@ -14,7 +14,7 @@ from distcifar import elastic
 from distcifar.config import Config
 from distcifar.ddp import check_ddp_options, ddp_kwargs
 from distcifar.errors import UsageError
-from distcifar.hardware import resolve_precision
+from distcifar.hardware import cpu_threads, resolve_precision
 
 
 def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
@@ -30,6 +30,8 @@ def build_accelerator(cfg: Config, log_with: str = "none") -> Accelerator:
     if precision == "fp16" and not on_gpu:
         raise UsageError("train.mixed_precision fp16 needs a GPU (Accelerate ignores it on CPU); use bf16 or no")
     set_determinism(cfg.train.deterministic, on_gpu)
+    if not on_gpu:
+        torch.set_num_threads(cpu_threads()[0])
     collective_timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     # Under torch elastic the process group is built here, on a store of this attempt's own (a restarted group
     # must not read the dead one's keys); Accelerate then finds it initialised. On CPU with MPI available,

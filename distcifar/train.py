@@ -32,7 +32,7 @@ from distcifar.config import Config, parse_config
 from distcifar.data import load_splits
 from distcifar.engine import Training, build_training, evaluate, optimizer_steps
 from distcifar.errors import entry_point
-from distcifar.hardware import hardware
+from distcifar.hardware import cpu_threads, hardware
 from distcifar.lock import OutputLock
 from distcifar.model import memory_format
 from distcifar.ranks import end_run, max_over_ranks, print_once, take_main_process_buffers
@@ -147,7 +147,7 @@ def determinism_line(cfg: Config, accelerator) -> str:
 def run_line(cfg: Config, accelerator, training: Training) -> str:
     """Where and how the run trains: processes, device, precision, how the global batch splits, its length."""
     world, steps_per_epoch = accelerator.num_processes, training.batches.steps_per_epoch
-    threads = f", {torch.get_num_threads()} threads" if accelerator.device.type == "cpu" else ""
+    threads = f", {torch.get_num_threads()} threads: {cpu_threads()[1]}" if accelerator.device.type == "cpu" else ""
     return (
         f"{world} process(es) on {accelerator.device} ({accelerator.distributed_type}{threads}), "
         f"{accelerator.mixed_precision} | global batch {cfg.train.batch_size} = {training.batches.micro_batch} per "

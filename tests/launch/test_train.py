@@ -7,11 +7,22 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from support import REPO, TINY_MODEL_CONFIG, launch_command, read_metrics, read_offline_run, run, start, train_args
+from support import (
+    ACCELERATE,
+    REPO,
+    TINY_MODEL_CONFIG,
+    launch_command,
+    read_metrics,
+    read_offline_run,
+    run,
+    start,
+    train_args,
+)
 
 SUMMARY_KEYS = {
     "test_accuracy",
@@ -437,3 +448,35 @@ def test_the_wandb_run_id_is_carried_through_a_real_resume(tmp_path, synthetic_d
     for key in ("train/tflops", "train/mfu", "system/peak_memory_gb"):
         steps = [step for step, row in history.items() if key in row]
         assert steps and all(history[step][key] == pytest.approx(logged[step][key]) for step in steps), key
+
+
+def _cores_of_this_process() -> int:
+    """What the test process may run on, read here independently of distcifar.hardware: its affinity, capped by a
+    cgroup v2 CPU quota where there is one."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        pass
+    return cores
+
+
+def test_bare_accelerate_launch_trains_on_the_cores_it_has_and_keeps_a_thread_count_the_user_chose(
+    tmp_path, synthetic_data
+):
+    # `accelerate launch distcifar/train.py` with no Accelerate config and no --cpu sets OMP_NUM_THREADS=1 for its
+    # worker (a default meant for GPU machines). HF_HOME points at an empty folder so that no default config of
+    # this machine's (`accelerate config default`) is found: this is the launch of a new user.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_RANK")}
+    env["HF_HOME"] = str(tmp_path / "hf-home")
+    bare = [ACCELERATE, "launch", "distcifar/train.py"]
+    args = ["--train.max_steps", "2", "--tracking.plots", "false"]
+    cores = _cores_of_this_process()
+    result = run(bare + train_args(tmp_path / "bare", synthetic_data, *args), env=env)
+    header = re.search(r"\(DistributedType\.NO, (\d+) threads: ([^)]*)\)", result.stdout)
+    assert header, result.stdout[:2000]
+    assert int(header[1]) == cores and header[2] == f"cores available to this process: {cores}", header[0]
+    # the user's count, set before the launcher, is kept (here 1, which the launcher's default also is)
+    chosen = run(bare + train_args(tmp_path / "chosen", synthetic_data, *args), env={**env, "OMP_NUM_THREADS": "1"})
+    assert "(DistributedType.NO, 1 threads: OMP_NUM_THREADS=1 set before the launcher)" in chosen.stdout

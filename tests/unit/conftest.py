@@ -10,7 +10,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
+def one_torch_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice for build_accelerator (hardware.cpu_threads)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
