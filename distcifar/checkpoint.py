@@ -1,5 +1,6 @@
-"""The checkpointer: given what a run carries once, it decides when a save is due, saves, keeps the newest
-(and best) checkpoints, and resumes. The files themselves are checkpoint_format.py's business.
+"""The checkpointer: given the run's model, optimizer, scheduler and average once, it saves them with the run state
+it is handed at each save, keeps the newest (and best) checkpoints, and resumes. When a save is due is the
+cadence's business (cadence.py), the files themselves checkpoint_format.py's.
 
 On resume the main process chooses the checkpoint and every rank must read that same folder: a multi-node
 run resumes only from a filesystem shared by all nodes (else every rank stops with one error saying so).
@@ -7,24 +8,19 @@ run resumes only from a filesystem shared by all nodes (else every rank stops wi
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 from safetensors.torch import load
 
 from distcifar import checkpoint_format as files
 from distcifar.config import CheckpointConfig, Config, flatten
-from distcifar.errors import DIVERGED_HINT, CheckpointError, CheckpointWriteError, TrainingDiverged
-from distcifar.ranks import fail_together, max_over_ranks
-from distcifar.state import RunState, StepReport
+from distcifar.errors import DIVERGED_HINT, CheckpointError, CheckpointWriteError, TrainingDiverged, one_line
+from distcifar.ranks import decided_by_main_process, fail_together, max_over_ranks
 
 if TYPE_CHECKING:
     from distcifar.engine import Training
@@ -37,7 +33,9 @@ WHERE_DATA_LIVES = ("data.path", "data.cache_dir")
 class Checkpointer:
     """Saves and restores the full training state of one run; only the main process writes.
 
-    `state` is the run's RunState: a fresh one until `resume` replaces it with the checkpoint's."""
+    The run state (what the components besides the tensors carry: the engine's progress, the validator's best
+    accuracy and target, the tracker's run id) is handed to `save` as one flat dict and handed back by `resume`;
+    the checkpointer only stores it."""
 
     def __init__(
         self,
@@ -49,8 +47,6 @@ class Checkpointer:
         model,
         optimizer,
         scheduler,
-        steps_per_epoch: int,
-        total_steps: int,
         ema=None,
     ):
         self.accelerator = accelerator
@@ -59,8 +55,6 @@ class Checkpointer:
         self.run_config = run_config  # the resolved Config as a dict: stored, and checked on resume
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.ema = ema  # the run's AveragedModel (train.ema_decay), or None
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.state = RunState()
         self.saved_step, self.saved_at = -1, time.monotonic()
 
     @classmethod
@@ -74,8 +68,6 @@ class Checkpointer:
             model=training.model,
             optimizer=training.optimizer,
             scheduler=training.scheduler,
-            steps_per_epoch=training.batches.steps_per_epoch,
-            total_steps=training.total_steps,
             ema=training.ema,
         )
 
@@ -86,30 +78,18 @@ class Checkpointer:
         minutes = self.cfg.every_minutes
         return minutes > 0 and time.monotonic() - self.saved_at >= minutes * 60
 
-    def due(self, report: StepReport) -> bool:
-        """Whether to save after the step just taken: at epoch ends, at the end (the last step, or the evaluation
-        that reached train.stop_at_accuracy), every checkpoint.every_steps, on a stop signal or the timer, never twice
-        at one step. The same answer on every rank (every input is agreed or a function of the step)."""
-        step = self.state.step
-        if step == self.saved_step:
-            return False
-        epoch_end, last, every = step % self.steps_per_epoch == 0, step == self.total_steps, self.cfg.every_steps
-        stop = report.stop_signal or report.save_timer_due or report.target_reached
-        return bool(stop or epoch_end or last or (every and step % every == 0))
-
-    def save_if_due(self, report: StepReport, eval_accuracy: float | None = None) -> Path | None:
-        """Save when `due`; the one call a training loop makes after each step. Collective."""
-        return self.save(eval_accuracy) if self.due(report) else None
-
     # -- saving ----------------------------------------------------------------------------------
 
-    def save(self, eval_accuracy: float | None = None) -> Path:
-        """Collective: every rank must call it (RNG states are gathered to the main process).
+    def save(self, step: int, run_state: dict, eval_accuracy: float | None = None) -> Path | None:
+        """Save the run at `step` with `run_state` (never twice at one step: None then). Collective: every rank
+        must call it (RNG states are gathered to the main process).
 
         Non-finite weights are never written (TrainingDiverged). A failed write (a full disk, say)
         removes its temporary folder, leaves every earlier checkpoint as it was and raises
         CheckpointWriteError on every rank."""
-        acc, step = self.accelerator, self.state.step
+        if step == self.saved_step:  # the step resumed from, say
+            return None
+        acc = self.accelerator
         model = acc.unwrap_model(self.model, keep_torch_compile=False)
         check_finite(model, step)
         rng = {name: acc.gather(t.to(acc.device)[None]).cpu() for name, t in files.rng_state().items()}
@@ -117,7 +97,7 @@ class Checkpointer:
         failure = None
         if acc.is_main_process:
             try:
-                self._write(final, model, rng, eval_accuracy)
+                self._write(final, model, rng, {**run_state, "step": step}, eval_accuracy)
             except (OSError, SafetensorError) as err:
                 failure = self._describe_failure(final, err, model)
         fail_together(acc, CheckpointWriteError, failure)
@@ -126,7 +106,7 @@ class Checkpointer:
         self.saved_step, self.saved_at = step, time.monotonic()
         return final
 
-    def _write(self, final: Path, model: torch.nn.Module, rng: dict[str, torch.Tensor], eval_accuracy) -> None:
+    def _write(self, final: Path, model: torch.nn.Module, rng: dict[str, torch.Tensor], run_state: dict, eval_accuracy):
         acc = self.accelerator
         optimizer_tensors, optimizer_meta = files.optimizer_to_files(self.optimizer.state_dict())
         tensor_files = {
@@ -139,7 +119,7 @@ class Checkpointer:
                 k: v.detach().contiguous().cpu() for k, v in self.ema.state_dict().items()
             }
         state = {
-            "run_state": dataclasses.asdict(self.state),
+            "run_state": run_state,
             "world_size": acc.num_processes,
             "config": self.run_config,
             "optimizer": optimizer_meta,
@@ -148,7 +128,7 @@ class Checkpointer:
         }
         numbers = [files.sequence(path) for path in files.step_dirs(self.root)]
         sequence = 1 + max((n for n in numbers if n is not None), default=0)  # this save is the newest
-        manifest = {"step": self.state.step, "eval_accuracy": eval_accuracy, "sequence": sequence}
+        manifest = {"step": run_state["step"], "eval_accuracy": eval_accuracy, "sequence": sequence}
         files.write(final, tensor_files, state, manifest)
 
     def _describe_failure(self, final: Path, failure: Exception, model: torch.nn.Module) -> str:
@@ -163,7 +143,7 @@ class Checkpointer:
             free = f", {shutil.disk_usage(self.root).free / 1e6:.1f} MB free"
         except OSError:
             free = ""
-        reason = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+        reason = one_line(failure, 200) or type(failure).__name__
         return (
             f"could not write checkpoint {final.name} to {self.root} ({reason}; it needs about "
             f"{needed / 1e6:.1f} MB{free}). The half-written copy was removed and the earlier checkpoints are "
@@ -175,13 +155,8 @@ class Checkpointer:
         lower steps are kept over an older run's higher ones) and, with keep_best, the best evaluated one."""
         dirs = files.step_dirs(self.root)
         protected = set(dirs[: self.cfg.keep])
-        if self.cfg.keep_best:
-            scored = []
-            for d in dirs:
-                with contextlib.suppress(OSError, json.JSONDecodeError):
-                    scored.append((json.loads((d / "manifest.json").read_text()).get("eval_accuracy") or -1, d))
-            if scored:
-                protected.add(max(scored, key=lambda s: s[0])[1])
+        if self.cfg.keep_best and dirs:
+            protected.add(max(dirs, key=lambda d: files.manifest_field(d, "eval_accuracy") or -1))
         for d in dirs:
             if d not in protected:
                 shutil.rmtree(d, ignore_errors=True)
@@ -199,16 +174,17 @@ class Checkpointer:
                     print(f"warning: skipping damaged checkpoint: {err}", flush=True)
         return None
 
-    def resume(self, how: str) -> RunState:
-        """The run state to start from, also kept as `self.state`: `how` is auto (newest good checkpoint, if any),
-        never, or a folder. Collective: every rank loads the checkpoint the main process chose, or every rank
-        raises CheckpointError (node-local disks: the main process's newest checkpoint is not on the other nodes)."""
+    def resume(self, how: str) -> dict:
+        """The run state to continue from ({} for a new run): `how` is auto (newest good checkpoint, if any), never,
+        or a folder; with checkpoint.weights_only only the weights are loaded and the run is new. Collective: every
+        rank loads the checkpoint the main process chose, or every rank raises CheckpointError (node-local disks: the
+        main process's newest checkpoint is not on the other nodes)."""
         if self.accelerator.is_main_process:  # this run holds the folder's lock: no other run is saving here
             for leftover in files.remove_dead_temporaries(self.root):
                 print(f"removed {leftover}, left behind by a save that was killed", flush=True)
         path = None if how == "never" else self._chosen_checkpoint(how)
         if path is None:
-            return self.state
+            return {}
         acc, weights_only = self.accelerator, self.cfg.weights_only
         problem = None
         try:
@@ -234,33 +210,30 @@ class Checkpointer:
                 same_on_every_rank=True,
             )
         if acc.is_main_process:
-            print(f"resumed from {path} at step {state.step}{' (weights only)' if weights_only else ''}", flush=True)
-        if not weights_only:
-            self.state, self.saved_step = state, state.step
-        return self.state
+            print(f"resumed from {path} at step {state['step']}{' (weights only)' if weights_only else ''}", flush=True)
+        if weights_only:
+            return {}
+        self.saved_step = state["step"]
+        return state
 
     def _chosen_checkpoint(self, how: str) -> Path | None:
         """--resume PATH, or with `auto` the newest good checkpoint as the main process sees it, told to every rank."""
         if how != "auto":
             return Path(how)
-        newest = self.latest() if self.accelerator.is_main_process else None
-        chosen = [newest.name if newest else None]
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(chosen)
-        return None if chosen[0] is None else self.root / chosen[0]
+        newest = decided_by_main_process(self.accelerator, lambda: getattr(self.latest(), "name", None))
+        return None if newest is None else self.root / newest
 
-    def load(self, path: Path, *, weights_only: bool = False) -> RunState:
+    def load(self, path: Path, *, weights_only: bool = False) -> dict:
         """Restore the model and, unless `weights_only`, the optimizer, scheduler, grad scaler and this rank's RNG;
-        the checkpoint's RunState. Raises CheckpointError."""
+        the checkpoint's run state. Raises CheckpointError."""
         _, blobs = files.read_verified(Path(path))
         saved = files.read_state(path, blobs)
         check_compatible(saved["config"], self.run_config, weights_only=weights_only)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         files.load_fitting(path, model, load(blobs["model.safetensors"]))
-        try:
-            state = RunState(**saved["run_state"])
-        except TypeError as err:
-            raise CheckpointError(f"{path}: state.json's run_state does not fit this version ({err})") from None
+        state = saved.get("run_state")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"{path}: state.json's run_state does not fit this version (no step in {state!r})")
         if weights_only:
             return state
         files.restore_optimizer(self.optimizer, load(blobs["optimizer.safetensors"]), saved["optimizer"])
@@ -273,7 +246,7 @@ class Checkpointer:
         if saved["world_size"] == self.accelerator.num_processes:
             files.set_rng_state({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")})
         else:  # a different world size cannot continue each rank's RNG stream; derive a fresh one
-            torch.manual_seed(self.run_config["train"]["seed"] * 7919 + state.step * 31 + rank)
+            torch.manual_seed(self.run_config["train"]["seed"] * 7919 + state["step"] * 31 + rank)
         return state
 
     def _load_average(self, path: Path, blobs: dict[str, bytes]) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 
 from distcifar.errors import CheckpointError
 from distcifar.files import follow_umask, fsync_dir
@@ -123,7 +123,7 @@ def _write(path: Path, data: bytes) -> dict:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    save_file(tensors, path)  # straight to disk: ~30% faster than serialising to bytes first
+    save_file(tensors, path)  # straight to disk, without a serialised copy in memory
     follow_umask(path)  # safetensors makes it 0600: a teammate could not load it
     return _sync_and_describe(path)
 
@@ -225,13 +225,20 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=newest_first, reverse=True)
 
 
-def sequence(path: Path) -> int | None:
-    """The save's sequence number in its folder (manifest.json): 0 for a checkpoint made before there were any,
-    None when the manifest cannot be read."""
+def manifest_field(path: Path, name: str, default=None):
+    """One field of a checkpoint's manifest.json, unverified (`default` where it has none); None when the manifest
+    cannot be read: what ordering and pruning need, without reading the tensors."""
     try:
-        number = json.loads((path / "manifest.json").read_text()).get("sequence", 0)
+        manifest = json.loads((path / "manifest.json").read_text())
+        return manifest.get(name, default)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def sequence(path: Path) -> int | None:
+    """The save's sequence number in its folder: 0 for a checkpoint made before there were any, None when the
+    manifest cannot be read."""
+    number = manifest_field(path, "sequence", 0)
     return number if isinstance(number, int) else None
 
 
@@ -244,6 +251,17 @@ def read_state(path: Path, blobs: dict[str, bytes]) -> dict:
             f"{path}: state.json has no field '{missing[0]}' (made by another program or edited by hand?)"
         )
     return saved
+
+
+def evaluated_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the checkpoint's run config, the weights its run evaluated: the weight average's network when it holds one,
+    else the training weights), verified: what evaluate.py loads from a step_* folder."""
+    _, blobs = read_verified(Path(path))
+    config = read_state(path, blobs)["config"]
+    if "ema.safetensors" in blobs:  # AveragedModel's state: its network as "module.<name>", and its counter
+        averaged = load(blobs["ema.safetensors"])
+        return config, {k.removeprefix("module."): v for k, v in averaged.items() if k != "n_averaged"}
+    return config, load(blobs["model.safetensors"])
 
 
 def load_fitting(

@@ -155,7 +155,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model."""
     sync_batchnorm: bool = False
-    """BatchNorm statistics over all processes (several GPUs only; it has not been run on GPUs yet)."""
+    """BatchNorm statistics over all processes (several GPUs only: PyTorch's SyncBatchNorm refuses CPU tensors)."""
     seed: int = 0
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from distcifar.config import DataConfig
 from distcifar.errors import DataError, one_line
 from distcifar.files import follow_umask, replaced_atomically
-from distcifar.model import memory_format
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -319,7 +318,7 @@ class TrainBatches:
         world_size: int,
         seed: int,
         device,
-        channels_last: bool,
+        layout: torch.memory_format = torch.contiguous_format,
     ):
         if batch_size % (grad_accum_steps * world_size):
             raise DataError(
@@ -333,7 +332,7 @@ class TrainBatches:
         self.batch_size, self.accum, self.rank, self.world = batch_size, grad_accum_steps, rank, world_size
         self.micro_batch = batch_size // (grad_accum_steps * world_size)
         self.steps_per_epoch = len(train) // batch_size
-        self.memory_format = memory_format(channels_last)
+        self.layout = layout  # the network's input layout (engine: channels_last)
         self._generator = torch.Generator(device=device)
         self._order_epoch, self._order = -1, None
 
@@ -365,4 +364,4 @@ class TrainBatches:
         for micro in range(self.accum):
             window, idx = self.rank_indices(order, step, micro)
             images = augment(self.images[idx], {k: v[window] for k, v in params.items()}, self.cfg)
-            yield images.contiguous(memory_format=self.memory_format), self.labels[idx]
+            yield images.contiguous(memory_format=self.layout), self.labels[idx]

@@ -7,8 +7,7 @@ rendezvous that accelerate launch uses always did). A process group writes its b
 rank's listening address, NCCL its unique id. A restarted group finds the dead group's keys still in the store,
 and a rank that reads one before the new rank 0 has overwritten it connects to a process that is gone: gloo's
 "Connection refused" / "connectFullMesh failed", or a hang inside ProcessGroupGloo's construction (pytorch#135712,
-#167288). It was a race: before this module 6 of 11 restarts survived it in the trials, 2 of 7 in
-docs/checkpoints.md's.
+#167288): a race, so a restart fails only sometimes (docs/checkpoints.md has the trials).
 
 What this does instead: the new rank 0 starts a TCPStore of its own on a free port, puts a random token in it
 and publishes "address:port:token" in the agent's store. The other ranks read that entry and accept it only

@@ -3,6 +3,7 @@ and the benchmark), the optimizer-step generator that both drive, and evaluation
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from distcifar.cadence import Cadence
 from distcifar.config import Config, OptimConfig
 from distcifar.data import Split, TrainBatches, normalize, tta_views
 from distcifar.errors import DIVERGED_HINT, ConfigError, TrainingDiverged
@@ -19,7 +21,6 @@ from distcifar.hardware import wait_for_device
 from distcifar.model import DistCifarNet, memory_format, uncompiled
 from distcifar.optim import build_optimizer, build_scheduler
 from distcifar.ranks import fail_together, max_over_ranks, rank_weight_spread
-from distcifar.state import RunState, StepReport
 from distcifar.utilization import Compute, for_run, peak_memory_gb
 
 
@@ -34,6 +35,7 @@ class Training:
     total_steps: int  # of the whole run: epochs x steps per epoch, or train.max_steps
     eval_loader: torch.utils.data.DataLoader  # prepared: each rank evaluates its shard
     compute: Compute  # FLOPs per image and the hardware's peak: train/tflops, train/mfu
+    cadence: Cadence  # which steps log, evaluate, save and agree on stopping
     ema: AveragedModel | None = None  # train.ema_decay: the moving average of the weights and BatchNorm statistics
 
     @property
@@ -77,7 +79,7 @@ def build_training(cfg: Config, accelerator, train: Split, evaluation: Split) ->
         world_size=accelerator.num_processes,
         seed=cfg.train.seed,
         device=accelerator.device,
-        channels_last=cfg.train.channels_last,
+        layout=memory_format(cfg.train.channels_last),
     )
     total_steps = cfg.train.epochs * batches.steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
@@ -97,7 +99,9 @@ def build_training(cfg: Config, accelerator, train: Split, evaluation: Split) ->
     if cfg.train.compile:
         model = torch.compile(model)
     total_steps = min(total_steps, cfg.train.max_steps or total_steps)
-    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader, for_run(cfg, accelerator), ema)
+    cadence = Cadence.for_run(cfg, batches.steps_per_epoch, total_steps, on_cpu=accelerator.device.type == "cpu")
+    compute = for_run(cfg, accelerator)
+    return Training(model, optimizer, scheduler, batches, total_steps, eval_loader, compute, cadence, ema)
 
 
 def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, want_grad_norm: bool):
@@ -114,6 +118,36 @@ def train_step(accelerator, model, optimizer, micro_batches, cfg: OptimConfig, w
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return loss_sum / accelerator.gradient_accumulation_steps, grad_norm
+
+
+@dataclass
+class Progress:
+    """How far the run has come over all its attempts: the engine's part of a checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    train_seconds: float = 0.0  # time spent taking optimizer steps (no evaluations, no saves)
+    wall_seconds: float = 0.0  # the loop's wall time, evaluations and saves included
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.train_seconds, self.wall_seconds = state.get("train_seconds", 0.0), state.get("wall_seconds", 0.0)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one optimizer step leaves for its driver; never changed once yielded."""
+
+    step: int
+    rows: tuple[dict, ...] = ()  # to log at this step: the train row on logging steps, then the epoch's row at its end
+    peak_memory_gb: float | None = None  # at epoch ends: the most memory any process has held so far
+
+    @property
+    def metrics(self) -> dict | None:
+        """The train row of a logging step (loss, rate, throughput), else None."""
+        return next((row for row in self.rows if "train/loss" in row), None)
 
 
 class _LogWindow:
@@ -142,89 +176,68 @@ class _LogWindow:
 
 
 def optimizer_steps(
-    accelerator,
-    training: Training,
-    cfg: Config,
-    state: RunState,
-    *,
-    tracker,
-    stop,
-    checkpoints,
-    until: int | None = None,
+    accelerator, training: Training, cfg: OptimConfig, progress: Progress, until: int | None = None
 ) -> Iterator[StepReport]:
-    """Take optimizer steps from `state.step` to `until` (default: the run's end), advancing `state`
-    and logging every train.log_every steps; yield a StepReport after each step. `stop` is the
-    process's StopRequest (None: nothing to stop for, as in the benchmark).
+    """Take optimizer steps from `progress.step` to `until` (default: the run's end), advancing `progress`; yield a
+    StepReport after each, with the rows to log that training.cadence says are due.
 
-    Host syncs happen only on logging steps, at epoch ends and, every `check_every` steps, where the
-    ranks agree on stopping and on the checkpoint timer (on a CPU every step: there is no queue to
-    drain). state.train_seconds counts the time spent in here, not what the driver does between steps
-    (evaluate, save); it is read after a sync, so on a GPU it counts work done, not work queued.
+    Host syncs happen only where the cadence says a step syncs (logging steps, epoch ends, the ranks' agreements
+    on stopping), so the device's queue stays full in between. progress.train_seconds counts the time spent in
+    here, not what the driver does between steps (log, evaluate, save); at a syncing step it is read after the
+    device's work is done, so on a GPU it counts work done, not work queued.
 
     Longer than most functions here on purpose: it is the training loop, and every host sync in it should be
     visible in one read, top to bottom."""
-    model, scheduler, batches, ema = training.model, training.scheduler, training.batches, training.ema
+    model, scheduler, batches, ema, cadence = (
+        training.model,
+        training.scheduler,
+        training.batches,
+        training.ema,
+        training.cadence,
+    )
     # the network the average follows: the training weights inside any DDP or torch.compile wrapper
     trained = accelerator.unwrap_model(model, keep_torch_compile=False) if ema is not None else None
     until = training.total_steps if until is None else until
-    check_every = 1 if accelerator.device.type == "cpu" else 10
-    started, wall_before = time.monotonic(), state.wall_seconds
-    window, epoch_started = _LogWindow(accelerator.device, state.train_seconds), state.train_seconds
+    started, wall_before = time.monotonic(), progress.wall_seconds
+    window, epoch_started = _LogWindow(accelerator.device, progress.train_seconds), progress.train_seconds
     model.train()
     resumed = time.monotonic()  # when the driver last handed control back
-    while state.step < until:
-        logging_step = (state.step + 1) % cfg.train.log_every == 0
-        micro_batches = batches.at_step(state.step)
-        loss, grad_norm = train_step(accelerator, model, training.optimizer, micro_batches, cfg.optim, logging_step)
+    while progress.step < until:
+        step = progress.step + 1
+        loss, grad_norm = train_step(
+            accelerator, model, training.optimizer, batches.at_step(progress.step), cfg, cadence.logs(step)
+        )
         if ema is not None:
             ema.update_parameters(trained)
         window.add(loss)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
-        state.step += 1
-        epoch_end = state.step % batches.steps_per_epoch == 0
-        report = StepReport()
-        if logging_step:  # reading the loss waits for the step, so the clock below counts work done
-            report.metrics = _step_metrics(
-                accelerator, model, window, state.step, batches.steps_per_epoch, lr, grad_norm
-            )
-        elif epoch_end:
+        progress.step = step
+        rows = []
+        if cadence.logs(step):  # reading the loss waits for the step, so the clock below counts work done
+            rows.append(_step_metrics(accelerator, model, window, step, batches.steps_per_epoch, lr, grad_norm))
+        elif cadence.syncs(step):
             wait_for_device(accelerator.device)
-        if state.step % check_every == 0:
-            signum, due = max_over_ranks(accelerator, stop.signum if stop else 0, checkpoints.timer_expired())
-            report.stop_signal, report.save_timer_due = int(signum), bool(due)
         now = time.monotonic()
-        state.train_seconds += now - resumed
-        state.wall_seconds = wall_before + now - started
-        if logging_step:
-            images_per_second = window.steps * cfg.train.batch_size / (state.train_seconds - window.opened)
-            report.metrics.update(_rates(images_per_second, accelerator.num_processes, training.compute))
-            tracker.log(report.metrics, step=state.step)
-            window.reopen(state.train_seconds)
-        if epoch_end:  # the peak memory is the allocator's (or the kernel's) count: reading it waits for nothing
-            report.peak_memory_gb = max_over_ranks(accelerator, peak_memory_gb(accelerator.device))[0]
+        progress.train_seconds += now - resumed
+        progress.wall_seconds = wall_before + now - started
+        if cadence.logs(step):
+            images_per_second = window.steps * batches.batch_size / (progress.train_seconds - window.opened)
+            rates = training.compute.rates(images_per_second, accelerator.num_processes)
+            rows[0].update({f"train/{name}": value for name, value in rates.items() if value is not None})
+            window.reopen(progress.train_seconds)
+        peak = None
+        if cadence.epoch_end(step):  # the peak memory is the allocator's (or the kernel's) count: no wait
+            peak = max_over_ranks(accelerator, peak_memory_gb(accelerator.device))[0]
             epoch_row = {
-                "train/epoch_seconds": state.train_seconds - epoch_started,
-                "train/epoch": state.step / batches.steps_per_epoch,
-                "system/peak_memory_gb": report.peak_memory_gb,
+                "train/epoch_seconds": progress.train_seconds - epoch_started,
+                "train/epoch": step / batches.steps_per_epoch,
+                "system/peak_memory_gb": peak,
             }
-            tracker.log(epoch_row, step=state.step)
-            epoch_started = state.train_seconds
-        yield report
+            rows.append(epoch_row)
+            epoch_started = progress.train_seconds
+        yield StepReport(step, tuple(rows), peak)
         resumed = time.monotonic()
-
-
-def _rates(images_per_second: float, processes: int, compute: Compute) -> dict:
-    """The throughput figures of a log row: images/s (all processes, and per process), TFLOP/s achieved (all
-    processes) and, where the peak is known, the utilisation of it."""
-    rates = {
-        "train/images_per_second": images_per_second,
-        "train/images_per_second_per_process": images_per_second / processes,
-        "train/tflops": compute.tflops(images_per_second),
-    }
-    if compute.peak_tflops:
-        rates["train/mfu"] = compute.utilization(images_per_second)
-    return rates
 
 
 def _step_metrics(

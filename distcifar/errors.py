@@ -98,13 +98,11 @@ def entry_point(main):
 def exit_process(code: int) -> None:
     """Exit with `code`; in a run of several processes, without the interpreter's own teardown.
 
-    With several processes (the launcher's WORLD_SIZE > 1) the atexit handlers run (the output lock, W&B)
-    and the process ends with os._exit: a rank tearing down torch.distributed's C++ state at interpreter exit
-    was seen to abort now and then ("terminate called without an active exception", SIGABRT), after a
-    finished run and after a failed one, so the launcher saw -6 instead of the run's code, and a slow
-    teardown let the launcher stop a rank (-15) once the other had exited. The launcher's variable, not
-    torch.distributed.is_initialized(): Accelerator.end_training destroys the process group before this.
-    Code 0 in one process returns."""
+    With several processes (the launcher's WORLD_SIZE > 1: Accelerator.end_training has destroyed the process group
+    by now) the atexit handlers run (the output lock, W&B) and the process ends with os._exit, because tearing
+    down torch.distributed's C++ state at interpreter exit can abort (SIGABRT) or outlast the launcher's patience,
+    and the launcher would then report that instead of the run's code (docs/design.md). Code 0 in one
+    process returns."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         atexit._run_exitfuncs()
         sys.stdout.flush()

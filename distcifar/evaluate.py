@@ -17,15 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
-from safetensors.torch import load
 from torch.optim.swa_utils import update_bn
 
 from distcifar.accelerator import build_accelerator
-from distcifar.checkpoint_format import read_verified
+from distcifar.checkpoint_format import evaluated_weights, load_fitting
 from distcifar.config import ModelConfig, parse_config, repo_id_problem
 from distcifar.data import CLASSES, Split, load_splits, normalize
 from distcifar.engine import evaluate, prepare_for_evaluation
@@ -44,13 +40,9 @@ def load_model(path: Path) -> DistCifarNet:
             f"{path}: no such folder (give a checkpoints/step_* folder or an export such as OUTPUT_DIR/final)"
         )
     if (path / "manifest.json").exists():
-        _, blobs = read_verified(path)
-        model = DistCifarNet(ModelConfig(**json.loads(blobs["state.json"])["config"]["model"]))
-        if "ema.safetensors" in blobs:  # train.ema_decay: the weight average is what the run evaluated and exported
-            averaged = load(blobs["ema.safetensors"])
-            model.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k != "n_averaged"})
-        else:
-            model.load_state_dict(load(blobs["model.safetensors"]))
+        config, weights = evaluated_weights(path)
+        model = DistCifarNet(ModelConfig(**config["model"]))
+        load_fitting(path, model, weights)
         return model
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return DistCifarNet.from_pretrained(path)

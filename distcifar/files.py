@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 
 @contextlib.contextmanager
 def replaced_atomically(path: str | Path) -> Iterator[Path]:
@@ -20,6 +22,18 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries of replaced_atomically in `folder` whose writer is gone (a run, or its background plot,
+    killed mid-write); the ones removed. One whose process still runs is left to it."""
+    removed = []
+    for temporary in Path(folder).glob(".*.tmp*"):
+        pid = temporary.name.rpartition(".tmp")[2]
+        if pid.isdigit() and temporary.is_file() and not psutil.pid_exists(int(pid)):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
 
 
 def write_atomically(path: str | Path, content: str | bytes) -> None:

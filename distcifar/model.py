@@ -56,6 +56,11 @@ class Block(nn.Module):
         return self.pool(F.relu(out))
 
 
+def parameter_count(module: nn.Module) -> int:
+    """The trainable numbers of a network (BatchNorm's running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 class DistCifarNet(
     nn.Module,
     PyTorchModelHubMixin,

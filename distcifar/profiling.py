@@ -18,18 +18,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from distcifar.config import Config
+from distcifar.engine import Progress, StepReport
 from distcifar.hardware import wait_for_device
 from distcifar.ranks import print_once
-from distcifar.state import RunState, StepReport
 
 STEP_LABEL = "optimizer step {}"
 TOP_OPERATORS = 15
 
 
 def profiled(
-    steps: Iterator[StepReport], cfg: Config, state: RunState, accelerator, output_dir: Path
+    steps: Iterator[StepReport], cfg: Config, progress: Progress, accelerator, output_dir: Path
 ) -> Iterator[StepReport]:
-    """The items of `steps` (engine.optimizer_steps, which advances `state`) with the steps of train.profile_steps
+    """The items of `steps` (engine.optimizer_steps, which advances `progress`) with the steps of train.profile_steps
     recorded. Close it when done: a run stopped inside the window then still writes what was recorded."""
     window = cfg.train.profile_window
     if window is None or not (accelerator.is_main_process or cfg.train.profile_all_ranks):
@@ -39,7 +39,7 @@ def profiled(
     recorder, recorded = None, []
     try:
         while True:
-            step = state.step + 1  # the step the next item takes
+            step = progress.step + 1  # the step the next item takes
             if recorder is None and not recorded and first <= step <= last:  # a resumed run: what is left of it
                 recorder = _start(accelerator.device)
             with record_function(STEP_LABEL.format(step)) if recorder else contextlib.nullcontext():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
 
 from distcifar.errors import exit_process
 
@@ -13,6 +17,17 @@ def print_once(*args) -> None:
     """Print on the main process only (accelerator.print prints once per node)."""
     if PartialState().is_main_process:
         print(*args, flush=True)
+
+
+T = TypeVar("T")
+
+
+def decided_by_main_process(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """`decide()` run by the main process alone, its answer handed to every rank (one broadcast with several)."""
+    answer = [decide() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    return answer[0]
 
 
 def max_over_ranks(accelerator: Accelerator, *flags: float) -> list[float]:

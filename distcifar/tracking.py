@@ -27,7 +27,8 @@ import torch
 from distcifar import plot
 from distcifar.config import Config, TrackingConfig, flatten
 from distcifar.data import CLASSES, normalize
-from distcifar.files import write_atomically
+from distcifar.errors import one_line
+from distcifar.files import remove_stale_temporaries, write_atomically
 from distcifar.model import uncompiled
 
 WANDB_HINT = "run `wandb login`, or set WANDB_API_KEY, or set WANDB_MODE=offline (and `wandb sync` later)"
@@ -144,6 +145,7 @@ class Tracker:
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.output_dir)  # a plot or metrics file cut off by a kill
         if start_step is not None:  # a new run keeps an earlier run's rows beside its own file
             if self._continues():
                 _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
@@ -215,7 +217,7 @@ class Tracker:
         except Exception as err:  # never let tracking stop training
             # Accelerate registers a tracker before starting it; drop the one that failed.
             self.accelerator.trackers.clear()
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            reason = one_line(err, 200) or type(err).__name__
             hint = f" To use W&B: {WANDB_HINT}." if self.report_to == "wandb" else ""
             print(
                 f"[tracking] {self.report_to} is off ({reason}); metrics still go to "

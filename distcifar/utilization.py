@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import broadcast_object_list
 
 from distcifar import model as model_module
 from distcifar.config import Config, ModelConfig
 from distcifar.data import cache_root
 from distcifar.files import write_atomically
+from distcifar.ranks import decided_by_main_process
 
 # Dense peaks in TFLOP/s by precision, as NVIDIA's datasheets publish them. The datasheets give tensor-core figures
 # "with sparsity" (2:4 structured sparsity doubles them); a dense training step gets half, which is what is listed
@@ -92,6 +92,17 @@ class Compute:
         """The achieved share of the peak (model FLOPs utilisation), None where the peak is not known."""
         return self.tflops(images_per_second) / self.peak_tflops if self.peak_tflops else None
 
+    def rates(self, images_per_second: float, processes: int) -> dict:
+        """The throughput figures of a rate of all processes together, the one source of them for the log rows, the
+        summary and the benchmark: images/s, per process, TFLOP/s achieved and the share of the peak (mfu: None
+        where the peak is not known)."""
+        return {
+            "images_per_second": images_per_second,
+            "images_per_second_per_process": images_per_second / processes,
+            "tflops": self.tflops(images_per_second),
+            "mfu": self.utilization(images_per_second),
+        }
+
     def describe(self) -> str:
         """For the run's header: the count, the peak and where it comes from."""
         peak = f"peak {self.peak_tflops:.3g} TFLOP/s" if self.peak_tflops else "peak unknown"
@@ -104,20 +115,19 @@ class Compute:
 def for_run(cfg: Config, accelerator) -> Compute:
     """The run's Compute: the FLOP count from the main process (counted once, or read from the cache), the peak
     from GPU_PEAKS on a GPU (per GPU x processes), or measured by every process at once on a CPU (they share it)."""
-    count = [train_flops_per_image(cfg.model, cache_root(cfg.data)) if accelerator.is_main_process else None]
-    broadcast_object_list(count)
+    count = decided_by_main_process(accelerator, lambda: train_flops_per_image(cfg.model, cache_root(cfg.data)))
     precision = compute_precision(accelerator)
     if accelerator.device.type == "cuda":
         per_gpu, source = published_peak(torch.cuda.get_device_name(accelerator.device), precision)
         peak = per_gpu * accelerator.num_processes if per_gpu else None
-        return Compute(count[0], precision, peak, source)
+        return Compute(count, precision, peak, source)
     accelerator.wait_for_everyone()  # the processes share the CPU: each measures its part while all are busy
     started = time.perf_counter()
     mine = measure_cpu_peak(precision, START_BUDGET_S)
     seconds = time.perf_counter() - started
     peak = accelerator.reduce(torch.tensor(mine, dtype=torch.float64, device=accelerator.device), "sum").item()
     source = f"{precision} {MATMUL_SIZE}x{MATMUL_SIZE} matmul measured at start in {seconds:.1f} s"
-    return Compute(count[0], precision, peak, source)
+    return Compute(count, precision, peak, source)
 
 
 def compute_precision(accelerator) -> str:

@@ -170,6 +170,8 @@ def train_args(output_dir: Path, data: Path, *extra: str) -> list[str]:
         "1",
         "--tracking.report_to",
         "none",
+        "--tracking.plots",  # a plot after every evaluation is a background process competing for the cores
+        "false",
         "--optim.name",
         "adam",
         "--optim.lr",

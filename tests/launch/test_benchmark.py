@@ -1,6 +1,6 @@
 """The benchmark runs end to end (--quick: tiny model, few steps) and writes every figure it promises, with one
-process and with two (the scaling figures). The scaling model and the benchmark's option checks, in the pytest
-process, are in tests/unit/test_scaling.py.
+process and, through scripts/scaling.py, with two (the scaling figures and the model's). The scaling model and the
+option checks, in the pytest process, are in tests/unit/test_scaling.py.
 
 No speed assertions: speed is what the benchmark reports, not something a test can hold it to.
 """
@@ -87,19 +87,19 @@ def test_quick_benchmark_writes_all_figures(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Scaling: the 2-process figures, and the model of distcifar/scaling.py
+# Scaling: the 2-process figures, and the model of scripts/scaling.py
 
 
 def test_two_processes_report_total_throughput_communication_share_and_efficiency(tmp_path):
-    """--processes 2: a one-process run, then a real 2-process DDP run (gloo) with --baseline of it."""
+    """scripts/scaling.py --processes 2: a one-process run, then a real 2-process DDP run (gloo) with --baseline of
+    it, and the gradient's all-reduce timed alone on 2 processes."""
     output, scratch = tmp_path / "scaling.json", tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TMPDIR": str(scratch)}
     result = run(
         [
             sys.executable,
-            "-m",
-            "distcifar.benchmark",
+            "scripts/scaling.py",
             "--quick",
             "--processes",
             "2",
@@ -138,6 +138,7 @@ def test_two_processes_report_total_throughput_communication_share_and_efficienc
     assert two["baseline_images_per_second"] == one["loop_images_per_second"]
     assert two["speedup"] == two["total_images_per_second"] / one["loop_images_per_second"]
     assert two["scaling_efficiency"] == two["speedup"] / 2
+    assert combined["prediction"] == two["prediction"]  # from the largest run's step time
     assert [(row["link"], row["processes"]) for row in two["prediction"]] == [
         ("nvlink", 2),
         ("nvlink", 8),

@@ -88,10 +88,11 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
     """A forward proxy that answers every request itself with 200, and notes the request line."""
 
     seen: list[str] = []
+    status = 200
 
     def do_HEAD(self):
         self.seen.append(self.requestline)
-        self.send_response(200)
+        self.send_response(self.status)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -117,15 +118,21 @@ print(json.dumps(answers))
 def test_the_hub_is_reached_through_the_proxy_the_environment_names(tmp_path):
     # hub.invalid never resolves (RFC 6761): only a proxy can answer for it, as on a cluster whose nodes
     # have no direct route out. A raw connection to the endpoint's host would call the hub unreachable.
+    # A proxy that answers 407 (credentials wanted) has not reached the hub: the download would fail there too.
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    wants_credentials = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("_Wants", (_Proxy,), {"status": 407}))
+    for each in (server, wants_credentials):
+        threading.Thread(target=each.serve_forever, daemon=True).start()
     try:
         proxy, closed = f"http://127.0.0.1:{server.server_address[1]}", f"http://127.0.0.1:{free_port()}"
-        cases = [(proxy, ""), (closed, ""), (proxy, "hub.invalid")]  # a live proxy, a dead one, NO_PROXY for the hub
+        proxy_407 = f"http://127.0.0.1:{wants_credentials.server_address[1]}"
+        # a live proxy, a dead one, NO_PROXY for the hub, a proxy that wants credentials
+        cases = [(proxy, ""), (closed, ""), (proxy, "hub.invalid"), (proxy_407, "")]
         answers = run(
             [sys.executable, "-c", _PROBE, json.dumps(cases)], env=_hub_env(tmp_path, HF_ENDPOINT="http://hub.invalid")
         )
-        assert json.loads(answers.stdout.splitlines()[-1]) == [True, False, False]
-        assert _Proxy.seen == ["HEAD http://hub.invalid/ HTTP/1.1"]
+        assert json.loads(answers.stdout.splitlines()[-1]) == [True, False, False, False]
+        assert _Proxy.seen == ["HEAD http://hub.invalid/ HTTP/1.1"] * 2  # the 407 proxy was asked too
     finally:
         server.shutdown()
+        wants_credentials.shutdown()

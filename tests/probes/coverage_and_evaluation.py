@@ -37,7 +37,7 @@ def coverage(accelerator, n: int, batch_size: int, accums: list[int], epochs: in
     generator = torch.Generator().manual_seed(7)
     split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator), torch.arange(n))
     data_cfg = DataConfig()  # default augmentation: crop + hflip
-    common = dict(batch_size=batch_size, seed=seed, device=device, channels_last=True)
+    common = dict(batch_size=batch_size, seed=seed, device=device, layout=torch.channels_last)
     reference = TrainBatches(split, data_cfg, grad_accum_steps=1, rank=0, world_size=1, **common)
     report = {"n": n, "batch_size": batch_size, "runs": []}
     for accum in accums:

@@ -50,8 +50,6 @@ def resume(args: argparse.Namespace) -> None:
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
-            steps_per_epoch=4,
-            total_steps=16,
         )
 
     held = {
@@ -65,9 +63,7 @@ def resume(args: argparse.Namespace) -> None:
         scheduler.step()
         for rank, steps in held.items():  # collective: the main process writes into every rank's folder
             if step in steps:
-                saver = checkpoints(rank)
-                saver.state.step = step
-                saver.save()
+                checkpoints(rank).save(step, {"step": step})
 
     rank = accelerator.process_index
     os.chdir(root / f"rank{rank}")
@@ -75,7 +71,7 @@ def resume(args: argparse.Namespace) -> None:
         print(f"resume_per_rank: resuming (unix time {time.time():.3f})", flush=True)
     state = checkpoints(rank).resume(args.resume)
     checksum = sum(p.detach().double().sum() for p in model.parameters())
-    steps = accelerator.gather(torch.tensor([state.step], device=accelerator.device))
+    steps = accelerator.gather(torch.tensor([state.get("step", 0)], device=accelerator.device))
     checksums = accelerator.gather(checksum[None])
     if accelerator.is_main_process:
         print("RESUMED " + json.dumps({"steps": steps.tolist(), "checksums": checksums.tolist()}), flush=True)

@@ -21,7 +21,6 @@ from distcifar.errors import CheckpointError
 from distcifar.evaluate import load_model
 from distcifar.model import DistCifarNet
 from distcifar.optim import build_optimizer, build_scheduler
-from distcifar.state import RunState
 from support import TINY_MODEL_CONFIG as TINY
 
 FILES = {"manifest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
@@ -56,8 +55,6 @@ def _checkpointer(accelerator, root, config: Config, keep=5, model=None, optimiz
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        steps_per_epoch=4,
-        total_steps=8,
         ema=ema,
     )
 
@@ -65,8 +62,7 @@ def _checkpointer(accelerator, root, config: Config, keep=5, model=None, optimiz
 def _save(accelerator, root, step, keep=5, **state):
     cfg, model, optimizer, scheduler = _trained_state(step)
     checkpoints = _checkpointer(accelerator, root, cfg, keep, model, optimizer, scheduler)
-    checkpoints.state = RunState(step=step, **state)
-    checkpoints.save()
+    checkpoints.save(step, {"step": step, **state})
     return cfg, model, optimizer, scheduler
 
 
@@ -94,7 +90,7 @@ def test_layout_format_and_load_without_any_unpickling(accelerator, tmp_path, mo
     assert ckpt.latest() == folder
     state = ckpt.load(folder)
     assert not marker.exists()
-    assert state == RunState(step=7, tracker_run_id="abc123")
+    assert state == {"step": 7, "tracker_run_id": "abc123"}  # the run state handed to save, back as it was
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(a, b)
     saved_state, loaded_state = optimizer.state_dict()["state"], fresh_opt.state_dict()["state"]
@@ -191,7 +187,7 @@ def test_config_mismatch_names_the_fields(accelerator, tmp_path):
     with pytest.raises(CheckpointError, match=r"data\.train_limit \(checkpoint 0, now 100\)"):
         ckpt.load(tmp_path / "step_00000003")
     state = ckpt.load(tmp_path / "step_00000003", weights_only=True)
-    assert state.step == 3
+    assert state["step"] == 3
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
@@ -213,8 +209,7 @@ def test_optimizer_state_gets_its_parameters_channels_last_layout_back(accelerat
 
     cfg, model, optimizer, scheduler = channels_last_state(seed=0)
     ckpt = _checkpointer(accelerator, tmp_path, cfg, 5, model, optimizer, scheduler)
-    ckpt.state.step = 2
-    folder = ckpt.save()
+    folder = ckpt.save(2, {"step": 2})
     _, fresh_model, fresh_opt, fresh_sched = channels_last_state(seed=1)
     _checkpointer(accelerator, tmp_path, cfg, 5, fresh_model, fresh_opt, fresh_sched).load(folder)
     assert any(param.ndim == 4 for param in fresh_model.parameters())
@@ -260,7 +255,7 @@ def test_fields_that_may_change_between_attempts_do_not_stop_a_resume(accelerato
         other = _with(other, field, value)
     _, model, optimizer, scheduler = _trained_state()
     state = _checkpointer(accelerator, tmp_path, other, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")
-    assert state.step == 3
+    assert state["step"] == 3
 
 
 def _get(cfg: Config, field: str):
@@ -296,8 +291,7 @@ def test_the_weight_average_is_saved_and_restored_bit_for_bit(accelerator, tmp_p
     cfg, model, optimizer, scheduler = _trained_state()
     ema = _averaged(model, updates=3, seed=0)
     saver = _checkpointer(accelerator, tmp_path, cfg, 5, model, optimizer, scheduler, ema)
-    saver.state.step = 4
-    folder = saver.save()
+    folder = saver.save(4, {"step": 4})
     assert {p.name for p in folder.iterdir()} == FILES | {"ema.safetensors"}
     assert "ema.safetensors" in json.loads((folder / "manifest.json").read_text())["files"]  # verified like the rest
     _, fresh_model, fresh_optimizer, fresh_scheduler = _trained_state(seed=5)
@@ -319,7 +313,7 @@ def test_checkpoints_without_an_average_load_as_before_and_the_average_restarts_
     _, fresh_model, fresh_optimizer, fresh_scheduler = _trained_state(seed=5)
     fresh = _averaged(fresh_model, updates=2, seed=3)
     saver = _checkpointer(accelerator, tmp_path, cfg, 5, fresh_model, fresh_optimizer, fresh_scheduler, fresh)
-    assert saver.load(tmp_path / "step_00000002").step == 2
+    assert saver.load(tmp_path / "step_00000002")["step"] == 2
     assert all(torch.equal(value, fresh_model.state_dict()[key]) for key, value in model.state_dict().items())
     assert "holds no weight average: train.ema_decay starts it from the resumed weights" in capsys.readouterr().out
     fresh.update_parameters(fresh_model)  # the first update after the resume copies the resumed weights
@@ -330,7 +324,7 @@ def test_checkpoints_without_an_average_load_as_before_and_the_average_restarts_
     with_average = _checkpointer(
         accelerator, averaged_run, cfg, 5, model, optimizer, scheduler, _averaged(model, updates=1, seed=0)
     )
-    folder = with_average.save()
+    folder = with_average.save(0, {"step": 0})
     _, plain_model, plain_optimizer, plain_scheduler = _trained_state(seed=7)
     _checkpointer(accelerator, averaged_run, cfg, 5, plain_model, plain_optimizer, plain_scheduler).load(folder)
     assert all(torch.equal(value, plain_model.state_dict()[key]) for key, value in model.state_dict().items())
@@ -352,7 +346,7 @@ def test_a_checkpoint_made_before_a_config_field_existed_resumes_with_its_defaul
     manifest_file.write_text(json.dumps(manifest))
     _, model, optimizer, scheduler = _trained_state()
     state = _checkpointer(accelerator, tmp_path, cfg, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")
-    assert state.step == 3
+    assert state["step"] == 3
     reflect = _with(cfg, "data.crop_padding_mode", "reflect")
     with pytest.raises(CheckpointError, match=r"data\.crop_padding_mode \(checkpoint 'zeros', now 'reflect'\)"):
         _checkpointer(accelerator, tmp_path, reflect, 5, model, optimizer, scheduler).load(tmp_path / "step_00000003")

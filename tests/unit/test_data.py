@@ -421,7 +421,7 @@ def _batches(train, world, rank, accum):
         world_size=world,
         seed=3,
         device="cpu",
-        channels_last=False,
+        layout=torch.contiguous_format,
     )
 
 
@@ -492,7 +492,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_step():
             world_size=1,
             seed=seed,
             device="cpu",
-            channels_last=False,
+            layout=torch.contiguous_format,
         )
 
     def images(source, step):

@@ -16,13 +16,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distcifar import tracking
 from distcifar.accelerator import build_accelerator
+from distcifar.cadence import Cadence
 from distcifar.checkpoint import Checkpointer
-from distcifar.config import CheckpointConfig, Config, OptimConfig
+from distcifar.config import Config, OptimConfig
 from distcifar.data import Split, normalize
-from distcifar.engine import build_training, evaluate, optimizer_steps, train_step
+from distcifar.engine import Progress, build_training, evaluate, optimizer_steps, train_step
 from distcifar.hardware import resolve_precision
-from distcifar.state import RunState, StepReport
+from distcifar.train import train
 from distcifar.utilization import train_flops_per_image
+from distcifar.validation import Validator
 from support import TINY_MODEL_CONFIG
 
 
@@ -126,36 +128,61 @@ def test_mixed_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, gpu,
     assert resolve_precision("bf16", on_gpu=True) == "bf16"  # asked for by name: as asked
 
 
-def _schedule_only(accelerator, cfg: CheckpointConfig) -> Checkpointer:
-    """A checkpointer asked only when a save is due (8 steps per epoch, 16 in all); it never saves here."""
-    return Checkpointer(
-        accelerator, "unused", cfg, {}, model=None, optimizer=None, scheduler=None, steps_per_epoch=8, total_steps=16
-    )
+def _cadence(save_every: int = 0, eval_every_epochs: float = 1.0, steps_per_epoch: int = 8, total_steps: int = 16):
+    return Cadence(steps_per_epoch, total_steps, 50, eval_every_epochs, save_every, 1)
 
 
 @pytest.mark.parametrize("every_steps, expected", [(0, [8, 16]), (5, [5, 8, 10, 15, 16]), (4, [4, 8, 12, 16])])
-def test_checkpointer_saves_at_epoch_ends_the_end_and_every_n_steps(accelerator, every_steps, expected):
-    checkpoints = _schedule_only(accelerator, CheckpointConfig(every_steps=every_steps))
-    due = []
-    for step in range(1, 17):  # 8 steps per epoch, 16 in all
-        checkpoints.state = RunState(step=step)
-        if checkpoints.due(StepReport()):
-            due.append(step)
-    assert due == expected
+def test_saves_fall_at_epoch_ends_the_end_and_every_n_steps(every_steps, expected):
+    cadence = _cadence(save_every=every_steps)  # 8 steps per epoch, 16 in all
+    assert [step for step in range(1, 17) if cadence.saves(step)] == expected
+    cfg = Config()
+    cfg.checkpoint.every_steps = every_steps
+    assert Cadence.for_run(cfg, 8, 16, on_cpu=True) == cadence  # the run's settings, and on a CPU agreeing every step
+    assert Cadence.for_run(cfg, 8, 16, on_cpu=False).agree_every == 10
 
 
-def test_checkpointer_saves_on_a_signal_or_the_timer_but_not_twice_at_one_step(accelerator, monkeypatch):
-    checkpoints = _schedule_only(accelerator, CheckpointConfig(every_minutes=1.0))
-    checkpoints.state = RunState(step=3)  # neither an epoch end nor the last step
-    assert not checkpoints.due(StepReport())
-    assert checkpoints.due(StepReport(stop_signal=15))
-    assert checkpoints.due(StepReport(save_timer_due=True))
+def test_the_checkpoint_timer_and_never_two_saves_at_one_step(tmp_path, fresh_accelerate_state, monkeypatch):
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100)
+    cfg.checkpoint.every_minutes = 1.0
+    checkpoints = Checkpointer.for_run(accelerator, cfg, parts)
     assert not checkpoints.timer_expired()
     monkeypatch.setattr(checkpoints, "saved_at", checkpoints.saved_at - 61)
     assert checkpoints.timer_expired()
-    checkpoints.saved_step = 3  # already saved at this step (e.g. the resume point)
-    checkpoints.steps_per_epoch = checkpoints.total_steps = 3  # now also an epoch end and the last step
-    assert not checkpoints.due(StepReport(stop_signal=15))
+    assert checkpoints.save(3, {"step": 3}) == tmp_path / "checkpoints" / "step_00000003"
+    assert not checkpoints.timer_expired()  # a save restarts the timer
+    assert checkpoints.save(3, {"step": 3}) is None  # already saved at this step (the step resumed from, say)
+    tracker.finish()
+
+
+class _SignalAtSecondAgreement:
+    """A StopRequest that has seen SIGTERM from the second time the loop asks on."""
+
+    def __init__(self):
+        self.asked = 0
+
+    @property
+    def signum(self) -> int:
+        self.asked += 1
+        return 15 if self.asked >= 2 else 0
+
+
+def _validator(accelerator, cfg, parts, tracker) -> Validator:
+    sample = Split(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64))
+    return Validator(accelerator, cfg, parts, tracker, sample, "test")
+
+
+def test_a_stop_signal_saves_the_step_it_is_agreed_at_and_ends_the_loop(tmp_path, fresh_accelerate_state):
+    # train.py's loop on the real run (tiny network, 4 steps per epoch), a SIGTERM seen at step 2's agreement
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100)
+    checkpoints, progress = Checkpointer.for_run(accelerator, cfg, parts), Progress()
+    validator = _validator(accelerator, cfg, parts, tracker)
+    result, signum = train(
+        accelerator, cfg, parts, progress, validator, checkpoints, tracker, _SignalAtSecondAgreement()
+    )
+    tracker.finish()
+    assert signum == 15 and progress.step == 2 and result is None  # step 2 is neither an epoch end nor evaluated
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
 
 
 class _Clock:
@@ -191,12 +218,22 @@ def test_the_checkpoint_timer_counts_minutes_since_the_last_save(
     cfg.checkpoint.every_minutes, cfg.checkpoint.keep = every_minutes, 100
     checkpoints = Checkpointer.for_run(accelerator, cfg, parts)
     saved = []
-    for report in optimizer_steps(
-        accelerator, parts, cfg, checkpoints.state, tracker=tracker, stop=None, checkpoints=checkpoints
-    ):
-        if checkpoints.save_if_due(report):
-            saved.append(checkpoints.state.step)
-        clock.now += 10
+    save = checkpoints.save
+
+    def save_and_note(step, *args):
+        saved.append(step)
+        return save(step, *args)
+
+    checkpoints.save = save_and_note
+
+    def ticking(*args):  # the clock moves once the driver is done with a step
+        for report in optimizer_steps(*args):
+            yield report
+            clock.now += 10
+
+    monkeypatch.setattr(distcifar.train, "optimizer_steps", ticking)
+    validator = _validator(accelerator, cfg, parts, tracker)
+    train(accelerator, cfg, parts, Progress(), validator, checkpoints, tracker, SimpleNamespace(signum=0))
     tracker.finish()
     assert saved == expected
     assert sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*")) == expected
@@ -257,13 +294,18 @@ def _tiny_run(
     cfg.train.ema_decay = ema_decay
     cfg.tracking.report_to, cfg.tracking.plots = "none", False
     accelerator = build_accelerator(cfg)
+    parts = build_training(cfg, accelerator, *_tiny_splits())
+    return cfg, accelerator, parts, tracking.Tracker(accelerator, cfg, tmp_path, None, {})
+
+
+def _tiny_splits() -> tuple[Split, Split]:
+    """64 random training images, the first 16 of them the evaluation split."""
     generator = torch.Generator().manual_seed(0)
     train = Split(
         torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=generator),
         torch.randint(0, 10, (64,), generator=generator),
     )
-    parts = build_training(cfg, accelerator, train, train.head(16))
-    return cfg, accelerator, parts, tracking.Tracker(accelerator, cfg, tmp_path, None, {})
+    return train, train.head(16)
 
 
 class HostReads(TorchDispatchMode):
@@ -282,10 +324,12 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _steps(cfg, accelerator, parts, tracker, state):
-    """The real optimizer_steps of a _tiny_run, with no stop request and only the checkpoint schedule."""
-    checkpoints = _schedule_only(accelerator, cfg.checkpoint)
-    return optimizer_steps(accelerator, parts, cfg, state, tracker=tracker, stop=None, checkpoints=checkpoints)
+def _steps(cfg, accelerator, parts, tracker, progress):
+    """The real optimizer_steps of a _tiny_run, their rows logged as train.py's loop logs them."""
+    for report in optimizer_steps(accelerator, parts, cfg.optim, progress):
+        for row in report.rows:
+            tracker.log(row, step=report.step)
+        yield report
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1.0])
@@ -293,7 +337,7 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tmp_path, fresh
     # One process, on the CPU: there the stop/timer agreement runs every step (on a GPU every 10), so this
     # covers it too. Steps 1-3 of the first epoch: no logging step (log_every 100), no epoch end.
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, grad_clip=grad_clip)
-    state = RunState()
+    state = Progress()
     steps = _steps(cfg, accelerator, parts, tracker, state)
     next(steps)  # the first step builds the epoch's order and the optimizer state
     with HostReads() as reads:
@@ -307,7 +351,7 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tmp_path, fresh
 
 def test_training_seconds_leave_out_what_the_driver_does_between_steps(tmp_path, fresh_accelerate_state):
     cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=2)
-    state = RunState()
+    state = Progress()
     pause = 0.1  # an evaluation or a save, say
     for _ in _steps(cfg, accelerator, parts, tracker, state):
         time.sleep(pause)
@@ -326,7 +370,7 @@ def test_log_rows_carry_tflops_and_utilisation_and_epoch_rows_the_peak_memory(tm
     compute = parts.compute
     assert compute.flops_per_image == train_flops_per_image(TINY_MODEL_CONFIG) and compute.precision == "fp32"
     assert compute.peak_tflops > 0 and "matmul measured at start" in compute.peak_source  # a CPU: measured
-    state = RunState()
+    state = Progress()
     memory = [report.peak_memory_gb for report in _steps(cfg, accelerator, parts, tracker, state)]
     tracker.finish()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -387,7 +431,7 @@ def test_the_weight_average_follows_every_step_weights_and_batchnorm_statistics_
     trained = parts.model
     floats = lambda module: {k: v.clone() for k, v in module.state_dict().items() if v.is_floating_point()}  # noqa: E731
     by_hand = None
-    for _ in _steps(cfg, accelerator, parts, tracker, RunState()):
+    for _ in _steps(cfg, accelerator, parts, tracker, Progress()):
         now = floats(trained)  # weights, BatchNorm running means and variances after this step
         # the first step's weights, then decay x average + (1 - decay) x weights, written out by hand
         by_hand = now if by_hand is None else {k: decay * by_hand[k] + (1 - decay) * now[k] for k in now}
@@ -411,50 +455,100 @@ def test_the_weight_average_follows_every_step_weights_and_batchnorm_statistics_
     ],
 )
 def test_evaluations_fall_at_the_step_nearest_each_multiple_of_eval_every_epochs(every, expected):
-    from distcifar.train import Evaluation
-
-    cfg = Config()
-    cfg.train.eval_every_epochs = every
-    training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=195), total_steps=800)
-    evaluation = Evaluation(None, cfg, training, None, None, "test")
-    assert [step for step in range(1, 801) if evaluation.due(step)] == expected
+    cadence = _cadence(eval_every_epochs=every, steps_per_epoch=195, total_steps=800)
+    assert [step for step in range(1, 801) if cadence.evaluates(step)] == expected
 
 
 def test_the_time_to_a_target_is_the_first_evaluation_reaching_it_and_belongs_to_that_target(fresh_accelerate_state):
-    from distcifar.train import Evaluation, _target_summary
-
     cfg = Config()
     cfg.train.stop_at_accuracy = 0.5
     training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=10), total_steps=100)
-    evaluation = Evaluation(Accelerator(cpu=True), cfg, training, None, None, "test")
-    state = RunState()
+    validator = Validator(Accelerator(cpu=True), cfg, training, None, None, "test")
+    progress = Progress()
 
     def evaluated(step: int, accuracy: float) -> bool:  # an evaluation at `step`, after step / 10 s of training
-        state.step, state.train_seconds = step, step / 10
-        state.best_accuracy = max(state.best_accuracy or 0.0, accuracy)
-        return evaluation.reached_target({"eval_accuracy": accuracy, "epoch": step / 10}, state)
+        progress.step, progress.train_seconds = step, step / 10
+        validator.best_accuracy = max(validator.best_accuracy or 0.0, accuracy)
+        return validator.reached_target({"eval_accuracy": accuracy, "epoch": step / 10}, progress)
 
     assert [evaluated(10, 0.4), evaluated(20, 0.55), evaluated(30, 0.6)] == [False, True, True]
     reached = {"stop_at_accuracy": 0.5, "target_reached": True}
-    assert _target_summary(cfg, state, 10) == {
+    assert validator.summary({}) == {
         **reached,
         "seconds_to_target": 2.0,
         "steps_to_target": 20,
         "epochs_to_target": 2.0,
     }
+    # what a checkpoint carries of it comes back whole in a resumed run's validator
+    resumed = Validator(Accelerator(cpu=True), cfg, training, None, None, "test")
+    resumed.load_state_dict({"step": 30, **validator.state_dict()})
+    assert resumed.summary({}) == validator.summary({})
     # resumed with a higher target: not reached yet, and no time to it until an evaluation reaches it
     cfg.train.stop_at_accuracy = 0.7
-    assert not evaluation.target_reached_before(state)
-    assert _target_summary(cfg, state, 10)["target_reached"] is False
-    assert _target_summary(cfg, state, 10)["seconds_to_target"] is None
-    assert evaluated(40, 0.72) and _target_summary(cfg, state, 10)["steps_to_target"] == 40
+    assert not validator.target_reached_before()
+    assert validator.summary({})["target_reached"] is False
+    assert validator.summary({})["seconds_to_target"] is None
+    assert evaluated(40, 0.72) and validator.summary({})["steps_to_target"] == 40
     # resumed with a lower target than one reached: nothing left to train, but its time was never measured
     cfg.train.stop_at_accuracy = 0.6
-    assert evaluation.target_reached_before(state)
-    assert _target_summary(cfg, state, 10) == {
+    assert validator.target_reached_before()
+    assert validator.summary({}) == {
         "stop_at_accuracy": 0.6,
         "target_reached": True,
         "seconds_to_target": None,
         "steps_to_target": None,
         "epochs_to_target": None,
     }
+
+
+def test_an_evaluation_exactly_at_the_target_reaches_it(fresh_accelerate_state):
+    cfg = Config()
+    cfg.train.stop_at_accuracy = 0.5
+    training = SimpleNamespace(batches=SimpleNamespace(steps_per_epoch=10), total_steps=100)
+    validator = Validator(Accelerator(cpu=True), cfg, training, None, None, "test")
+    assert not validator.reached_target({"eval_accuracy": 0.4999, "epoch": 1.0}, Progress(step=10))
+    assert validator.reached_target({"eval_accuracy": 0.5, "epoch": 2.0}, Progress(step=20))
+    validator.best_accuracy = 0.5  # and a resumed run whose best is exactly the target trains no further
+    assert validator.target_reached_before()
+
+
+def _evaluated_run(tmp_path, stop_at_accuracy: float = 0.0):
+    """The tiny run with a weight average (decay 0.5), evaluated and saved every 2 steps (2 epochs of 4 steps),
+    keep_best with keep 1, through train.py's loop: (evaluation rows, {step: manifest accuracy} kept, last step)."""
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, ema_decay=0.5)
+    cfg.checkpoint.keep_best, cfg.checkpoint.keep, cfg.checkpoint.every_steps = True, 1, 2
+    cfg.train.eval_every_epochs, cfg.train.stop_at_accuracy = 0.5, stop_at_accuracy
+    torch.manual_seed(1)  # the same network and dropout in both runs, whatever ran before in this process
+    parts = build_training(cfg, accelerator, *_tiny_splits())  # the cadence of these settings
+    progress, validator = Progress(), _validator(accelerator, cfg, parts, tracker)
+    checkpoints = Checkpointer.for_run(accelerator, cfg, parts)
+    train(accelerator, cfg, parts, progress, validator, checkpoints, tracker, SimpleNamespace(signum=0))
+    tracker.finish()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kept = {
+        int(folder.name[5:]): json.loads((folder / "manifest.json").read_text())["eval_accuracy"]
+        for folder in (tmp_path / "checkpoints").glob("step_*")
+    }
+    return [row for row in rows if "eval/accuracy" in row], kept, progress.step
+
+
+def test_with_a_weight_average_evaluations_keep_best_and_the_target_use_the_average(tmp_path, fresh_accelerate_state):
+    evaluations, kept, last = _evaluated_run(tmp_path / "whole")
+    average = {row["step"]: row["eval/accuracy"] for row in evaluations}
+    raw = {row["step"]: row["eval/raw_accuracy"] for row in evaluations}
+    assert list(average) == [2, 4, 6, 8] and last == 8
+    # keep_best keeps the newest and the step whose average was best (of equals, the newest), each manifest holding
+    # the average's accuracy
+    best = max(average, key=lambda step: (average[step], step))
+    assert kept == {8: average[8], best: average[best]}
+
+    # the target: an accuracy the average first reaches at `first`, where the training weights would stop elsewhere
+    def first_reaching(accuracy: dict, target: float) -> int | None:
+        return next((step for step in accuracy if accuracy[step] >= target), None)
+
+    telling = [t for t in sorted(set(average.values())) if first_reaching(raw, t) != first_reaching(average, t)]
+    assert telling, "the training weights reach every target where the average does: this proves nothing"
+    target = telling[0]
+    first = first_reaching(average, target)
+    evaluations, _, last = _evaluated_run(tmp_path / "target", stop_at_accuracy=target)
+    assert last == first and evaluations[-1]["eval/accuracy"] == target

@@ -1,19 +1,33 @@
-"""The benchmark's scaling side in the pytest process: gradient bytes per comm hook, the scaling model by hand, a
-prediction from a given step time, and the option checks. The benchmark runs themselves (1 and 2 processes) are
-in tests/launch/test_benchmark.py."""
+"""scripts/scaling.py in the pytest process: gradient bytes per comm hook, the scaling model by hand, a prediction
+from a given step time, and its option checks and the benchmark's. The sweep over 1 and 2 processes, and the
+benchmark's own runs, are in tests/launch/test_benchmark.py."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import pytest
 import torch
 
+from support import REPO
 
-def test_gradient_bytes_of_the_seed_network_and_of_each_comm_hook():
+
+@pytest.fixture(scope="module")
+def scaling():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module("scaling")
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def test_gradient_bytes_of_the_seed_network_and_of_each_comm_hook(scaling):
     from distcifar.config import ModelConfig
     from distcifar.model import DistCifarNet
-    from distcifar.scaling import gradient_bytes
+
+    gradient_bytes = scaling.gradient_bytes
 
     seed = list(DistCifarNet(ModelConfig()).parameters())
     assert gradient_bytes(seed) == sum(p.numel() for p in seed) * 4 == 46_633_188  # the issue's 46.6 MB
@@ -27,8 +41,8 @@ def test_gradient_bytes_of_the_seed_network_and_of_each_comm_hook():
     assert gradient_bytes(linear, "batched_powersgd", powersgd_rank=1) == 2 * 72 * 4  # ceil(sqrt(5050)) = 72
 
 
-def test_scaling_model_by_hand():
-    from distcifar.scaling import predict, ring_bytes
+def test_scaling_model_by_hand(scaling):
+    predict, ring_bytes = scaling.predict, scaling.ring_bytes
 
     assert ring_bytes(46.6e6, 2) == 46.6e6 and ring_bytes(46.6e6, 8) == 2 * 7 / 8 * 46.6e6
     alone = predict(0.01, 46.6e6, 1, 12.5)
@@ -46,11 +60,9 @@ def test_scaling_model_by_hand():
     assert q.comm_seconds == pytest.approx(predict(0.001, 46.6e6, 8, 12.5).comm_seconds + 2 * 7 * 2 * 1e-5)
 
 
-def test_prediction_from_a_given_step_time_needs_no_measurement(tmp_path, capsys):
-    from distcifar import benchmark
-
+def test_prediction_from_a_given_step_time_needs_no_measurement(scaling, tmp_path, capsys):
     output = tmp_path / "predict.json"
-    result = benchmark.main(
+    result = scaling.main(
         [
             "--step_seconds",
             "0.001",
@@ -73,29 +85,32 @@ def test_prediction_from_a_given_step_time_needs_no_measurement(tmp_path, capsys
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "program, argv, message",
     [
-        (["--predict", "0"], "--predict takes process counts >= 1"),
+        ("scaling", ["--predict", "0"], "--predict takes process counts >= 1"),
         (
+            "scaling",
             ["--predict", "2", "--bandwidth", "carrier-pigeon"],
             "--bandwidth: a bandwidth is a number of GB/s or one of nvlink",
         ),
-        (["--step_seconds", "0.01"], "--step_seconds needs a value > 0 and --predict"),
-        (["--processes", "1,2", "--baseline", "x.json"], "--processes measures its own baseline"),
+        ("scaling", ["--step_seconds", "0.01"], "--step_seconds needs a value > 0 and --predict"),
+        ("scaling", ["--processes", "1,2", "--baseline", "x.json"], "--processes measures its own baseline"),
         (
+            "scaling",
             ["--processes", "1,2,3", "--train.batch_size", "128"],
             "train.batch_size 128 does not split over [3] processes",
         ),
-        (["--ddp.powersgd_start_step", "1"], "ddp.powersgd_start_step must be >= 2"),
-        (["--ddp.bucket_cap_mb", "0"], "ddp.bucket_cap_mb must be > 0"),
-        (["--ddp.comm_hook", "int8"], "ddp.comm_hook"),
+        ("benchmark", ["--ddp.powersgd_start_step", "1"], "ddp.powersgd_start_step must be >= 2"),
+        ("benchmark", ["--ddp.bucket_cap_mb", "0"], "ddp.bucket_cap_mb must be > 0"),
+        ("benchmark", ["--ddp.comm_hook", "int8"], "ddp.comm_hook"),
+        ("scaling", ["--step_seconds", "0.01", "--predict", "2", "--ddp.comm_hook", "int8"], "ddp.comm_hook"),
     ],
 )
-def test_scaling_options_are_checked(argv, message, capsys):
+def test_scaling_and_benchmark_options_are_checked(scaling, program, argv, message, capsys):
     from distcifar import benchmark
 
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(argv)
+        (scaling if program == "scaling" else benchmark).main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -9,7 +9,10 @@ Python reader for it any more, so `support.read_wandb_records` decodes the frami
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -266,6 +269,21 @@ def test_report_to_none_writes_metrics_but_no_wandb_files(tmp_path, model):
     assert (output_dir / "confusion.json").is_file()
     assert not list(tmp_path.rglob("wandb")) and not (tmp_path / "wandb_dir").exists()
     assert not list(output_dir.glob("*.png")), "plots are off"
+
+
+def test_a_new_attempt_removes_what_a_killed_write_left_and_nothing_a_live_writer_holds(tmp_path):
+    # A run killed while its background plot wrote curves.png left .curves.png.tmp<plotter's pid> for good.
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that is gone: its pid is not running (and is not reused this quickly)
+    left = [output_dir / f".curves.png.tmp{dead.pid}", output_dir / f".metrics.jsonl.tmp{dead.pid}"]
+    live = output_dir / f".confusion.png.tmp{os.getpid()}"  # a writer that still runs: its file stays
+    for path in [*left, live]:
+        path.write_bytes(b"half a file")
+    tracker = make_tracker(make_config("none", plots=False), output_dir)
+    tracker.finish()
+    assert not any(path.exists() for path in left) and live.exists()
 
 
 def test_expert_metrics_are_each_conv_layers_weight_averaged_over_the_sample_images(tmp_path):
