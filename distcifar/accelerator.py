@@ -82,3 +82,12 @@ def set_determinism(deterministic: bool, on_gpu: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+def determinism_line(deterministic: bool, device: torch.device) -> str:
+    """What train.deterministic is and what it means on this device, for the run's header."""
+    if device.type != "cuda":
+        return f"deterministic {'on' if deterministic else 'off'} (a CPU run is bit-identical either way)"
+    if deterministic:
+        return "deterministic on: no cuDNN kernel search, deterministic kernels only: bit-identical, at a cost in speed"
+    return "deterministic off (cuDNN's kernel search on: fastest, not bit-identical from run to run)"

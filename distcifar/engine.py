@@ -188,13 +188,7 @@ def optimizer_steps(
 
     Longer than most functions here on purpose: it is the training loop, and every host sync in it should be
     visible in one read, top to bottom."""
-    model, scheduler, batches, ema, cadence = (
-        training.model,
-        training.scheduler,
-        training.batches,
-        training.ema,
-        training.cadence,
-    )
+    model, batches, ema, cadence = training.model, training.batches, training.ema, training.cadence
     # the network the average follows: the training weights inside any DDP or torch.compile wrapper
     trained = accelerator.unwrap_model(model, keep_torch_compile=False) if ema is not None else None
     until = training.total_steps if until is None else until
@@ -210,8 +204,8 @@ def optimizer_steps(
         if ema is not None:
             ema.update_parameters(trained)
         window.add(loss)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
+        lr = training.scheduler.get_last_lr()[0]  # the rate this step used
+        training.scheduler.step()
         progress.step = step
         rows = []
         if cadence.logs(step):  # reading the loss waits for the step, so the clock below counts work done

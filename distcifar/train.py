@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from distcifar import export, profiling, summary, tracking
-from distcifar.accelerator import build_accelerator
+from distcifar.accelerator import build_accelerator, determinism_line
 from distcifar.checkpoint import Checkpointer
 from distcifar.config import Config, parse_config
 from distcifar.data import load_splits
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     validator.load_state_dict(run_state)
     print_once(
         f"{len(train_split)} train / {len(eval_split)} {eval_name} images | {run_line(cfg, accelerator, training)}\n"
-        f"{training.compute.describe()} | {determinism_line(cfg, accelerator)}"
+        f"{training.compute.describe()} | {determinism_line(cfg.train.deterministic, accelerator.device)}"
     )
 
     # Run, then finish -----------------------------------------------------------------------------
@@ -145,20 +145,6 @@ def run_line(cfg: Config, accelerator, training: Training) -> str:
         f"device x {world} processes x {cfg.train.grad_accum_steps} accumulation steps | "
         f"{steps_per_epoch} steps/epoch, {training.total_steps} total"
     )
-
-
-def determinism_line(cfg: Config, accelerator) -> str:
-    """What train.deterministic is and what it means here."""
-    on_gpu = accelerator.device.type == "cuda"
-    if not cfg.train.deterministic:
-        return "deterministic off" + (
-            " (cuDNN's kernel search on: fastest, not bit-identical from run to run)"
-            if on_gpu
-            else " (a CPU run is bit-identical anyway)"
-        )
-    if on_gpu:
-        return "deterministic on: no cuDNN kernel search, deterministic kernels only: bit-identical, at a cost in speed"
-    return "deterministic on (on a CPU it changes no result)"
 
 
 class ProgressBar:

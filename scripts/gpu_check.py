@@ -279,6 +279,9 @@ def training_result(run_dir: Path) -> dict:
         "git_commit": summary.get("git_commit"),
         "test_accuracy": summary.get("test_accuracy"),  # final, on every test image (the weight average's, with one)
         "test_accuracy_raw": summary.get("test_accuracy_raw"),  # train.ema_decay: the training weights' own
+        # the final model with test-time views: its mirror image, and each view shifted one pixel both ways
+        "test_accuracy_hflip": summary.get("test_accuracy_hflip"),
+        "test_accuracy_hflip_translate": summary.get("test_accuracy_hflip_translate"),
         # training seconds (no evaluations) and epochs until the test accuracy first reached 0.93
         "seconds_to_93": reached["train_seconds"] if reached else None,
         "epochs_to_93": reached["epoch"] if reached else None,

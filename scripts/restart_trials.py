@@ -1,5 +1,5 @@
 """Restart trials: the same crash, many times. Each trial launches a 2-process run of the tiny network on synthetic
-data (tests/support.py's train_args) under torch elastic with one restart allowed, SIGKILLs rank 1 at a random
+data (tests/support's train_args) under torch elastic with one restart allowed, SIGKILLs rank 1 at a random
 moment after the checkpoint of step 6 (mid-step, mid-save or mid-evaluation), and checks that the job finishes by
 itself with exit code 0, final weights bit-identical to an uninterrupted run, and each step once in metrics.jsonl.
 

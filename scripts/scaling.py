@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # distcifar, installed or not
 
-from distcifar.config import parse_config  # noqa: E402
+from distcifar import benchmark  # noqa: E402
 from distcifar.errors import RunFailed, UsageError, entry_point  # noqa: E402
 from distcifar.model import DistCifarNet  # noqa: E402
 
@@ -321,7 +321,7 @@ def parse(argv: list[str]):
         raise UsageError("--processes measures its own baseline; leave out --baseline")
     if not args.processes and args.step_seconds is None and args.time_allreduce is None:
         raise UsageError("give --processes N,... to measure, or --step_seconds S --predict N,... to forecast")
-    cfg, _ = parse_config(benchmark_args, prog="scaling.py", description=__doc__)
+    _, cfg = benchmark.parse(benchmark_args)  # the config the benchmark will run, --quick's included
     return args, cfg, benchmark_args
 
 

@@ -1,5 +1,5 @@
 """Fixtures for every test: the synthetic dataset, offline hub and W&B, and (with DISTCIFAR_REQUIRE_ALL=1,
-as .ci/run sets it) no silent skips. Shared helpers live in support.py."""
+as .ci/run sets it) no silent skips. Shared helpers live in support/."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def real_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def offline_env(monkeypatch, tmp_path_factory):
+    # One thread for whatever a test launches (a test that is about threads sets its own): .ci/run's two test
+    # workers share the cores, and OpenMP threads spinning on an oversubscribed core slowed launched runs several-fold
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -41,7 +41,7 @@ process start-up. The launches are module fixtures, each run once and read by se
 Environment: HF_HUB_OFFLINE=1 and WANDB_MODE=offline for every launch; HF_HOME in a temporary
 folder, so no default Accelerate config or datasets cache of the machine is used.
 
-The launchers, and starting and finishing a launch, come from support.py; the probes a launcher runs in place of
+The launchers, and starting and finishing a launch, come from support.launch; the probes a launcher runs in place of
 train.py are the scripts in tests/probes/. One check of this list runs in the pytest process (ddp.* options on one
 process): tests/unit/test_distributed_one_process.py.
 """

@@ -188,7 +188,7 @@ def test_a_foreign_or_hand_edited_checkpoint_is_one_clear_error(
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(tmp_path, synthetic_data, processes):
     out = tmp_path / "run"
-    args = ("--train.epochs", "30", "--checkpoint.every_steps", "2", *QUICK_FAIL)
+    args = ("--train.epochs", "300", "--checkpoint.every_steps", "2", *QUICK_FAIL)  # still running when refused
     first = start(_launch(processes) + train_args(out, synthetic_data, *args), separate_stderr=True)
     try:
         deadline = time.monotonic() + 240

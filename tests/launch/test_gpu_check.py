@@ -54,7 +54,8 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     assert default["model_parameters"] == summary["model_parameters"] > 0 and len(default["git_commit"]) == 40
     mirrored = json.loads((tmp_path / "runs" / "default" / "eval_hflip.json").read_text())
     assert mirrored["eval_hflip"] and mirrored["eval_samples"] == summary["eval_samples"]
-    assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"]
+    assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"] == summary["test_accuracy_hflip"]  # the export
+    assert default["test_accuracy_hflip_translate"] == summary["test_accuracy_hflip_translate"]
 
     log = next(out.glob("*-cpu-*log.txt")).read_text()
     for logged in (

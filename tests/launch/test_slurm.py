@@ -361,9 +361,8 @@ def test_array_tasks_own_folders_and_requeue_alone():
             assert f"output runs/{sweep.name}/{task}" in log, log[:3000]
             assert f"{'requeueing job' if task == own else 'Slurm is requeueing job'} {spec}" in log, log[-4000:]
             assert "1 process(es), single launch, 2 CPU(s)" in log, log[:3000]  # srun got --cpus-per-task
-            assert "(DistributedType.NO, 2 threads: OMP_NUM_THREADS=2 set before the launcher)" in log, log[
-                :3000
-            ]  # OMP_NUM_THREADS from the task's CPUs
+            # OMP_NUM_THREADS from the task's CPUs, set by train.sh (a one-process task runs train.py itself)
+            assert "(DistributedType.NO, 2 threads: OMP_NUM_THREADS=2)" in log, log[:3000]
             out = sweep / str(task)
             assert json.loads((out / "config.json").read_text())["train"]["seed"] == 5 + task
             assert json.loads((out / "summary.json").read_text())["global_step"] == 24

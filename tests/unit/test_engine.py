@@ -387,12 +387,18 @@ def test_log_rows_carry_tflops_and_utilisation_and_epoch_rows_the_peak_memory(tm
     assert memory[:3] == [None] * 3  # read at epoch ends only
 
 
-def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accelerator):
-    generator = torch.Generator().manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))  # not mirror-invariant
+def _linear_on_images(seed: int):
+    """A linear model of the pixels (neither mirror- nor shift-invariant), 6 random images in batches of 4."""
+    generator = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 4, (6,), generator=generator)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    return model, images, labels, loader
+
+
+def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accelerator):
+    model, images, labels, loader = _linear_on_images(3)
     with torch.no_grad():
         by_hand = (model(normalize(images)) + model(normalize(torch.flip(images, dims=[3])))) / 2
     result = evaluate(accelerator, model, loader, num_classes=4, hflip=True)
@@ -403,11 +409,7 @@ def test_hflip_evaluation_averages_the_logits_of_each_image_and_its_mirror(accel
 
 
 def test_translated_evaluation_averages_the_logits_of_six_views_each_image_shifted_one_pixel_both_ways(accelerator):
-    generator = torch.Generator().manual_seed(4)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))  # not shift-invariant
-    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 4, (6,), generator=generator)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    model, images, labels, loader = _linear_on_images(4)
 
     def shifted(x, by):  # reflect-padded by one pixel, then the 32x32 window `by` pixels down and right
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
