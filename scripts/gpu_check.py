@@ -111,6 +111,7 @@ class Check:
             for line in process.stdout:
                 sys.stdout.write(line)
                 self.log.write(line)
+                self.log.flush()  # a check that is killed keeps its log to the last line
             code = process.wait()
             timer.cancel()
         self.log.flush()
