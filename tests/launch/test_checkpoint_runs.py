@@ -5,6 +5,7 @@ tests/unit/test_checkpoint.py."""
 
 import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -16,17 +17,16 @@ from safetensors.torch import load_file
 
 from distcifar.config import ModelConfig
 from distcifar.model import DistCifarNet
-from support import kill_tree, launch_command, read_metrics, run, start, train_args, worker_exit_codes
+from support import kill_tree, launch_command, probe, read_metrics, run, start, train_args, worker_exit_codes
 
 # ---------------------------------------------------------------------------------------------
 # Exact resume with real processes
 
 
-def _kill_after_checkpoint(command, folder, timeout=240):
+def _kill_after_checkpoint(command, folder, timeout=240, env=None):
     """Run until `folder` (a checkpoint) appears, then SIGKILL the launch, workers included. The workers are known
-    before the checkpoint appears, so the kill lands within milliseconds of it: a tiny run's next steps (and its
-    next save, three steps later) take little more than that on a quiet core."""
-    process = start(command)
+    before the checkpoint appears, so the kill lands within milliseconds of it."""
+    process = start(command, env)
     deadline, family = time.monotonic() + timeout, []
     while not (folder / "manifest.json").exists():
         assert process.poll() is None, f"run ended before {folder.name}:\n{process.stdout.read()[-3000:]}"
@@ -83,9 +83,14 @@ def test_killed_run_resumes_bit_identical(tmp_path, synthetic_data, processes, e
     args = ["--checkpoint.every_steps", "5", "--model.dropout", "0.5", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(launch_command(processes) + train_args(straight, synthetic_data, *args))
+    # The killed attempt is train.py holding still after step 6 (rank 0 stops answering before the checkpointer
+    # sees that step; another rank then waits in step 7's all-reduce), so no later checkpoint can land before the
+    # kill: on a loaded machine a tiny run once reached its step-8 save first (CI: resumed from step 8).
+    hold = {**os.environ, "PROBE_FAIL_RANK": "0", "PROBE_FAIL_STEP": "6", "PROBE_HANG": "1"}
     _kill_after_checkpoint(
-        launch_command(processes) + train_args(resumed, synthetic_data, *args),
+        launch_command(processes, script=probe("instrumented_train")) + train_args(resumed, synthetic_data, *args),
         resumed / "checkpoints" / "step_00000005",
+        env=hold,
     )
     result = run(launch_command(processes) + train_args(resumed, synthetic_data, *args))
     # from the mid-epoch checkpoint (step 5 of 8 in epoch 1), not an epoch end and not from scratch
