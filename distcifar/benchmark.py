@@ -53,7 +53,7 @@ from distcifar.hardware import hardware, wait_for_device
 from distcifar.model import DistCifarNet, memory_format, parameter_count, uncompiled
 from distcifar.optim import build_optimizer
 from distcifar.ranks import decided_by_main_process, end_run, fail_together, print_once, rank_weight_spread
-from distcifar.utilization import MATMUL_FLOPS, matmuls, peak_memory_gb
+from distcifar.utilization import MATMUL_FLOPS, MATMUL_SIZE, matmuls, peak_memory_gb
 
 QUICK = ["--model.block_channels", "[8,8,16,16,32,32]", "--model.classifier_hidden", "[32]"]
 QUICK += ["--train.batch_size", "32", "--data.train_limit", "1024", "--warmup=1", "--steps=2", "--repeats=1"]
@@ -165,8 +165,8 @@ def set_up(cfg, accelerator, launched: float) -> tuple[dict, dict]:
     loop = logged(optimizer_steps(accelerator, training, cfg.optim, Progress(), until=sys.maxsize), tracker)
     startup_seconds = time.time() - launched
     first_step_seconds = timed(loop, 1, accelerator.device)[0]
-    parts = dict(training=training, tracker=tracker, loop=loop, scratch=scratch, data=cfg.data.path)
-    parts["data"] = parts["data"] or f"synthetic ({len(train_split)} images)"
+    data = cfg.data.path or f"synthetic ({len(train_split)} images)"
+    parts = dict(training=training, tracker=tracker, loop=loop, scratch=scratch, data=data)
     return parts, {
         "startup_seconds": startup_seconds,
         "first_step_seconds": first_step_seconds,
@@ -192,6 +192,7 @@ def time_loops(args, cfg, accelerator, parts) -> tuple[dict[str, list[float]], b
             print_once("warning: the no-sync step left the ranks identical: its figure is not a step without sync")
     if device.type == "cpu":  # the CPU's peak, under the same load as the steps (a GPU's is published)
         loops["peak"] = matmuls(training.compute.precision)
+        timed(loops["peak"], 1, device)  # its first matmul makes the matrices: not part of any timed run
     images_per_step = training.batches.micro_batch * cfg.train.grad_accum_steps
     runs = {name: [] for loop in loops for name in (loop, f"{loop}_cpu")}
     chunk = 1 if device.type == "cpu" else args.steps
@@ -229,7 +230,7 @@ def time_data_and_checkpoints(args, cfg, accelerator, parts, runs: dict) -> floa
 
 def figures(cfg, accelerator, parts, runs: dict, skips_all_reduce, baseline: dict | None) -> dict:
     """Medians, the ratios of figures timed in the same run (so under the same load), run by run, and what N
-    processes buy; throughput figures from Compute.rates, as the loop's log rows and summary.json have them."""
+    processes buy; TFLOP/s by the run's Compute, as the loop's log rows and summary.json have them."""
     compute, world = parts["training"].compute, accelerator.num_processes
     runs["loop_vs_bare"] = [loop / bare for loop, bare in zip(runs["loop"], runs["bare"])]
     for name in ("bare", "loop"):
@@ -245,9 +246,8 @@ def figures(cfg, accelerator, parts, runs: dict, skips_all_reduce, baseline: dic
     speedup = total / baseline["loop_images_per_second"] if baseline else None
     result = {"bare_images_per_second": median["bare"], "loop_images_per_second": median["loop"]}
     for name in ("bare", "loop"):
-        rates = compute.rates(median[name], 1)
-        result[f"{name}_tflops"] = rates["tflops"]
-        result[f"{name}_mfu"] = median.get(f"{name}_mfu", rates["tflops"] / peak if peak else None)
+        result[f"{name}_tflops"] = compute.tflops(median[name])
+        result[f"{name}_mfu"] = median.get(f"{name}_mfu", result[f"{name}_tflops"] / peak if peak else None)
     return result | {
         "data_images_per_second": median["data"] * micro_batch,
         "data_batches_per_second": median["data"],
@@ -262,18 +262,33 @@ def figures(cfg, accelerator, parts, runs: dict, skips_all_reduce, baseline: dic
         "train_flops_per_image": compute.flops_per_image,
         "compute_precision": compute.precision,
         "peak_tflops": peak,
-        "peak_source": "matmul timed in turns with the steps" if "peak" in median else compute.peak_source,
+        "peak_source": (
+            f"{compute.precision} {MATMUL_SIZE}x{MATMUL_SIZE} matmul, timed in turns with the steps"
+            if "peak" in median
+            else compute.peak_source
+        ),
         "peak_memory_gb": peak_memory_gb(accelerator.device),
         "total_images_per_second": total,
         "rank_images_per_second": per_rank.tolist(),
         "nosync_images_per_second": median.get("nosync"),
         "communication_share": median.get("communication_share"),
         "nosync_skips_all_reduce": skips_all_reduce,
+        "comm_hook_active": comm_hook_active(uncompiled(parts["training"].model)) if world > 1 else None,
         "compute_seconds_per_step": images_per_step / (median["nosync"] if world > 1 else median["loop"]),
         "baseline_images_per_second": baseline["loop_images_per_second"] if baseline else None,
         "speedup": speedup,
         "scaling_efficiency": speedup / world if baseline else None,
     }
+
+
+def comm_hook_active(ddp_model) -> bool | None:
+    """Whether ddp.comm_hook compressed the steps just timed (None: no hook). PowerSGD all-reduces the whole gradient
+    until ddp.powersgd_start_step, so a short run may time only its warm-up (scripts/scaling.py counts the bytes)."""
+    hooks = getattr(ddp_model, "_comm_hooks", [])
+    if not hooks:
+        return None
+    state = hooks[0][1]
+    return state.iter >= state.start_powerSGD_iter if hasattr(state, "start_powerSGD_iter") else True
 
 
 def read_baseline(accelerator, path: str, cfg, parameters: int) -> dict:

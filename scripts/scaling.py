@@ -210,6 +210,8 @@ def add_model_figures(result: dict, payload: int, fp32_bytes: int, bucket_bytes:
     link's bus bandwidth from the fp32 all-reduce timed alone, and the model's communication share for that step
     time and link (None for one process: no DDP)."""
     n = result["num_processes"]
+    if result.get("comm_hook_active") is False:  # the hook was still in its warm-up: the whole gradient went
+        payload = fp32_bytes
     result.update(gradient_megabytes=payload / 1e6, allreduce_megabytes_per_process=ring_bytes(payload, n) / 1e6)
     result.setdefault("allreduce_seconds", None)
     result["link_gbps"], result["predicted_communication_share"] = None, None

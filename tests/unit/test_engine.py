@@ -280,9 +280,16 @@ def test_evaluation_runs_the_module_not_its_torch_compile_wrapper(accelerator):
 
 
 def _tiny_run(
-    tmp_path, log_every: int, grad_clip: float = 0.0, batch_size: int = 16, lr: float = 0.2, ema_decay: float = 0.0
+    tmp_path,
+    log_every: int,
+    grad_clip: float = 0.0,
+    batch_size: int = 16,
+    lr: float = 0.2,
+    ema_decay: float = 0.0,
+    configure=None,
 ):
-    """A real build of the tiny network on 64 random images, batch 16 (4 steps per epoch), 2 epochs."""
+    """A real build of the tiny network on 64 random images, batch 16 (4 steps per epoch), 2 epochs; `configure`
+    changes the config before the build."""
     cfg = Config(output_dir=str(tmp_path), model=TINY_MODEL_CONFIG)
     cfg.train.epochs, cfg.train.batch_size, cfg.train.log_every, cfg.train.mixed_precision = (
         2,
@@ -293,6 +300,8 @@ def _tiny_run(
     cfg.optim.grad_clip, cfg.optim.lr = grad_clip, lr
     cfg.train.ema_decay = ema_decay
     cfg.tracking.report_to, cfg.tracking.plots = "none", False
+    if configure:
+        configure(cfg)
     accelerator = build_accelerator(cfg)
     parts = build_training(cfg, accelerator, *_tiny_splits())
     return cfg, accelerator, parts, tracking.Tracker(accelerator, cfg, tmp_path, None, {})
@@ -517,11 +526,13 @@ def test_an_evaluation_exactly_at_the_target_reaches_it(fresh_accelerate_state):
 def _evaluated_run(tmp_path, stop_at_accuracy: float = 0.0):
     """The tiny run with a weight average (decay 0.5), evaluated and saved every 2 steps (2 epochs of 4 steps),
     keep_best with keep 1, through train.py's loop: (evaluation rows, {step: manifest accuracy} kept, last step)."""
-    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, ema_decay=0.5)
-    cfg.checkpoint.keep_best, cfg.checkpoint.keep, cfg.checkpoint.every_steps = True, 1, 2
-    cfg.train.eval_every_epochs, cfg.train.stop_at_accuracy = 0.5, stop_at_accuracy
-    torch.manual_seed(1)  # the same network and dropout in both runs, whatever ran before in this process
-    parts = build_training(cfg, accelerator, *_tiny_splits())  # the cadence of these settings
+
+    def configure(cfg):
+        cfg.checkpoint.keep_best, cfg.checkpoint.keep, cfg.checkpoint.every_steps = True, 1, 2
+        cfg.train.eval_every_epochs, cfg.train.stop_at_accuracy = 0.5, stop_at_accuracy
+        torch.manual_seed(1)  # the same network and dropout in both runs, whatever ran before in this process
+
+    cfg, accelerator, parts, tracker = _tiny_run(tmp_path, log_every=100, ema_decay=0.5, configure=configure)
     progress, validator = Progress(), _validator(accelerator, cfg, parts, tracker)
     checkpoints = Checkpointer.for_run(accelerator, cfg, parts)
     train(accelerator, cfg, parts, progress, validator, checkpoints, tracker, SimpleNamespace(signum=0))
