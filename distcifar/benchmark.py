@@ -45,6 +45,7 @@ from accelerate.utils import set_seed
 from distcifar import tracking
 from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint import Checkpointer
+from distcifar.cli import columns
 from distcifar.config import parse_config
 from distcifar.data import Split, load_splits
 from distcifar.engine import Progress, build_training, optimizer_steps
@@ -348,13 +349,12 @@ def report(r: dict) -> str:
         rows.append(("communication share", f"{r['communication_share']:.1%}", spread("communication_share", ".1%")))
         efficiency = f"scaling efficiency {r['scaling_efficiency']:.2f}" if r["speedup"] else "(--baseline: efficiency)"
         rows.append((f"total over {r['num_processes']}", f"{r['total_images_per_second']:.1f} images/s", efficiency))
-    width = max(len(name) for name, _, _ in rows)
     header = (
         f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, {r['num_processes']} "
         f"process(es), {r['mixed_precision']}, batch {r['batch_size']} ({r['micro_batch_size']} per device), "
         f"{r['model_parameters'] / 1e6:.2f}M parameters, {r['data']}, {r['repetitions']} x {r['steps']} steps"
     )
-    return "\n".join([header, *(f"  {n:<{width}}  {v:>16}   {d}".rstrip() for n, v, d in rows)])
+    return "\n".join([header, *columns([list(row) for row in rows], "<><", indent="  ")])
 
 
 @entry_point

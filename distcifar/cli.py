@@ -1,4 +1,5 @@
-"""The command-line parser every entry point shares (jsonargparse), each of its errors one UsageError line.
+"""The command-line parser every entry point shares (jsonargparse), each of its errors one UsageError line, and the
+fixed-width table every command prints its figures in.
 
 YAML values are read as YAML 1.2 does: `1e-3` is a number, only true/false are booleans (`no` stays a string),
 and `3:5` is a string. How a UsageError becomes exit code 2 is in errors.py.
@@ -58,3 +59,13 @@ class _Parser(ArgumentParser):
 
 def make_parser(prog: str, description: str) -> ArgumentParser:
     return _Parser(prog=prog, description=description, parser_mode="yaml12", exit_on_error=False)
+
+
+def columns(rows: list[list[str]], align: str, indent: str = "") -> list[str]:
+    """Cells as fixed-width lines: each column as wide as its widest cell, left- or right-aligned by align's letter
+    for it ('<' or '>'); the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(align))]
+    return [
+        indent + "  ".join(format(cell, f"{how}{width}") for cell, how, width in zip(row, align, widths)).rstrip()
+        for row in rows
+    ]

@@ -169,6 +169,9 @@ class TrainConfig:
     eval_translate: bool = False
     """Test-time augmentation: also evaluate each view shifted by one pixel up-left and one down-right (reflect
     padding), and average the logits of all views (with eval_hflip: six views)."""
+    final_views: bool = True
+    """After the last evaluation also report the accuracy with test-time views, the mirror and the mirror with
+    1-pixel shifts, beside the plain one (8 more passes over the test images; false leaves them out)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights and BatchNorm statistics, updated after every optimizer
     step with this decay (e.g. 0.999; 0 = off). Evaluations, keep_best, stop_at_accuracy, final/ and its model card

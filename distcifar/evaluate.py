@@ -22,6 +22,7 @@ from torch.optim.swa_utils import update_bn
 
 from distcifar.accelerator import build_accelerator
 from distcifar.checkpoint_format import evaluated_weights, load_fitting
+from distcifar.cli import columns
 from distcifar.config import ModelConfig, parse_config, repo_id_problem
 from distcifar.data import CLASSES, Split, load_splits, normalize
 from distcifar.engine import evaluate, prepare_for_evaluation
@@ -84,15 +85,14 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 def format_table(result: dict) -> str:
     names = CLASSES[: len(result["per_class_accuracy"])]
-    lines = [
-        f"{result['eval_split']}: accuracy {result['eval_accuracy']:.4f}  loss {result['eval_loss']:.4f}  "
-        f"({result['eval_samples']} images)",
-        "",
-        f"{'class':<12}{'accuracy':>9}   confusion (rows: true, columns: predicted)",
-    ]
+    rows = [["class", "accuracy", "confusion (rows: true, columns: predicted)"]]
     for name, acc, row in zip(names, result["per_class_accuracy"], result["confusion"]):
-        lines.append(f"{name:<12}{acc:>9.4f}   " + " ".join(f"{n:>5}" for n in row))
-    return "\n".join(lines)
+        rows.append([name, f"{acc:.4f}", " ".join(f"{n:>5}" for n in row)])
+    summary = (
+        f"{result['eval_split']}: accuracy {result['eval_accuracy']:.4f}  loss {result['eval_loss']:.4f}  "
+        f"({result['eval_samples']} images)"
+    )
+    return "\n".join([summary, "", *columns(rows, "<><")])
 
 
 def add_arguments(parser) -> None:

@@ -58,16 +58,18 @@ def summarize(
     }
 
 
-def closing_lines(summary: dict, out: Path) -> str:
+def closing_lines(summary: dict, out: Path, plots: bool) -> str:
     """What the run's output ends with: the final accuracy (the test-time views beside it) and where the files are."""
     views = (
         f"; with test-time views {summary['test_accuracy_hflip']:.2%} (mirror), "
         f"{summary['test_accuracy_hflip_translate']:.2%} (mirror and 1-pixel shifts)"
+        if summary["test_accuracy_hflip"] is not None
+        else ""
     )
     return (
         f"\n{summary['eval_split']} accuracy {summary['test_accuracy']:.2%} on {summary['eval_samples']} images after "
         f"{summary['epochs']:g} epochs ({summary['train_seconds']:.0f} s of training, "
         f"{summary['wall_seconds']:.0f} s with evaluations){views}\n"
-        f"plots: {out / 'curves.png'}, {out / 'confusion.png'} | model: {out / 'final'} | "
-        f"summary: {out / 'summary.json'}"
+        + (f"plots: {out / 'curves.png'}, {out / 'confusion.png'} | " if plots else "")
+        + f"model: {out / 'final'} | summary: {out / 'summary.json'}"
     )

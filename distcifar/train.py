@@ -130,7 +130,7 @@ def finish(cfg: Config, accelerator, training: Training, tracker, run_summary: d
         (out / "summary.json").write_text(json.dumps(run_summary, indent=2))
         print(json.dumps({k: v for k, v in run_summary.items() if k != "per_class_accuracy"}))
     tracker.finish(run_summary)
-    print_once(summary.closing_lines(run_summary, out))
+    print_once(summary.closing_lines(run_summary, out, cfg.tracking.plots))
     export.push(accelerator, out / "final", cfg)  # after everything is on disk: a failed upload loses nothing
     end_run(accelerator)
 

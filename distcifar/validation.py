@@ -105,7 +105,10 @@ class Validator:
 
     def test_time_accuracies(self) -> dict:
         """The final model's accuracy with the mirror as a second view, and with each view also shifted one pixel
-        both ways (six views): reported beside the plain accuracy, never in its place. Collective."""
+        both ways (six views): reported beside the plain accuracy, never in its place (None without
+        train.final_views). Collective."""
+        if not self.cfg.train.final_views:
+            return {"test_accuracy_hflip": None, "test_accuracy_hflip_translate": None}
         return {
             "test_accuracy_hflip": self.evaluate(hflip=True, translate=False)["eval_accuracy"],
             "test_accuracy_hflip_translate": self.evaluate(hflip=True, translate=True)["eval_accuracy"],

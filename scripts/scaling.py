@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # distcifar, installed or not
 
 from distcifar import benchmark  # noqa: E402
+from distcifar.cli import columns  # noqa: E402
 from distcifar.errors import RunFailed, UsageError, entry_point  # noqa: E402
 from distcifar.model import DistCifarNet  # noqa: E402
 
@@ -129,23 +130,21 @@ def parse_link(text: str) -> tuple[str, float, float]:
 
 def prediction_table(compute_seconds, payload, processes, links, bucket_bytes=25 * 2**20, target=0.2):
     """Rows for every (link, N), and the same as a printable table."""
-    rows = []
-    lines = [
-        f"predicted scaling: {compute_seconds * 1e3:.1f} ms compute per optimizer step and process, "
-        f"{payload / 1e6:.1f} MB all-reduced per step; no overlap of communication with backward (pessimistic)",
-        f"  {'link':<12} {'GB/s':>7} {'N':>4} {'comm ms':>9} {'efficiency':>10} {'comm share':>10}   "
-        f"accumulation for <= {target:.0%}",
-    ]
+    header = ["link", "GB/s", "N", "comm ms", "efficiency", "comm share", f"accumulation for <= {target:.0%}"]
+    rows, cells = [], [header]
     for link in links:
         name, bandwidth, latency = parse_link(link)
         for n in processes:
             p = predict(compute_seconds, payload, n, bandwidth, latency, bucket_bytes, target)
             rows.append({"link": name, **asdict(p)})
-            lines.append(
-                f"  {name:<12} {bandwidth:>7.1f} {n:>4} {p.comm_seconds * 1e3:>9.2f} {p.efficiency:>10.2f} "
-                f"{p.communication_share:>10.1%}   {p.accumulation_for_target}"
-            )
-    return rows, "\n".join(lines)
+            figures = (bandwidth, n, p.comm_seconds * 1e3, p.efficiency, p.communication_share)
+            cells.append([name, *map(format, figures, (".1f", "d", ".2f", ".2f", ".1%"))])
+            cells[-1].append(str(p.accumulation_for_target))
+    title = (
+        f"predicted scaling: {compute_seconds * 1e3:.1f} ms compute per optimizer step and process, "
+        f"{payload / 1e6:.1f} MB all-reduced per step; no overlap of communication with backward (pessimistic)"
+    )
+    return rows, "\n".join([title, *columns(cells, "<>>>>><", indent="  ")])
 
 
 def time_all_reduce(payload_bytes: int, output: str, repeats: int = 3) -> None:
@@ -268,20 +267,16 @@ def sweep(args, cfg, benchmark_args: list[str]) -> dict:
 
 def sweep_report(table: list[dict]) -> str:
     fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
-    lines = [
-        "scaling: the same config on 1..N processes of this machine (per process unless total)",
-        f"  {'N':>3} {'threads':>7} {'images/s':>9} {'total':>8} {'speedup':>8} {'efficiency':>10} "
-        f"{'no-sync':>8} {'comm share':>10} {'model':>6} {'GB/s':>6}  load",
-    ]
+    names = ["N", "threads", "images/s", "total", "speedup", "efficiency", "no-sync", "comm share", "model", "GB/s"]
+    keys = ["processes", "num_threads", "loop_images_per_second", "total_images_per_second", "speedup"]
+    keys += ["scaling_efficiency", "nosync_images_per_second", "communication_share", "predicted_communication_share"]
+    specs = ["d", "d", ".1f", ".1f", ".2f", ".2f", ".1f", ".1%", ".1%", ".2f"]
+    cells = [[*names, "load"]]
     for row in table:
-        lines.append(
-            f"  {row['processes']:>3} {row['num_threads']:>7} {row['loop_images_per_second']:>9.1f} "
-            f"{row['total_images_per_second']:>8.1f} {row['speedup']:>8.2f} {row['scaling_efficiency']:>10.2f} "
-            f"{fmt(row['nosync_images_per_second'], '8.1f'):>8} {fmt(row['communication_share'], '10.1%'):>10} "
-            f"{fmt(row['predicted_communication_share'], '6.1%'):>6} {fmt(row['link_gbps'], '6.2f'):>6}  "
-            f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f}"
-        )
-    return "\n".join(lines)
+        load = f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f}"
+        cells.append([*(fmt(row[key], spec) for key, spec in zip([*keys, "link_gbps"], specs)), load])
+    title = "scaling: the same config on 1..N processes of this machine (per process unless total)"
+    return "\n".join([title, *columns(cells, ">" * 10 + "<", indent="  ")])
 
 
 def counts(text: str | None, option: str) -> list[int] | None:

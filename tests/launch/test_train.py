@@ -165,7 +165,8 @@ TIMER_MINUTES = 0.05  # 3 s: several saves per 39-step epoch of the CPU recipe, 
 
 def test_the_cpu_recipe_learns_real_cifar10_and_saves_on_the_timer(tmp_path, real_data):
     # configs/cpu.yaml (the README's main command) on a slice: 10,000 images, 3 epochs, 2,000 test images, logged at
-    # a real cadence (every 10 steps), with a checkpoint timer of TIMER_MINUTES and every checkpoint kept
+    # a real cadence (every 10 steps), with a checkpoint timer of TIMER_MINUTES and every checkpoint kept; no plots
+    # and no test-time views after the end (they would cost a sixth of the test's time)
     out = tmp_path / "real"
     run(
         launch_command(1)
@@ -186,6 +187,10 @@ def test_the_cpu_recipe_learns_real_cifar10_and_saves_on_the_timer(tmp_path, rea
             "10",
             "--tracking.report_to",
             "none",
+            "--tracking.plots",
+            "false",
+            "--train.final_views",
+            "false",
             "--checkpoint.every_minutes",
             str(TIMER_MINUTES),
             "--checkpoint.keep",

@@ -133,3 +133,10 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, c
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot use --output_dir {output_dir}: ") and "\n" not in err, err
+
+
+def test_printed_tables_align_each_column_to_its_widest_cell():
+    from distcifar.cli import columns
+
+    lines = columns([["name", "value", "note"], ["a", "1.5", "x"], ["longer", "10.25", ""]], "<><", indent=" ")
+    assert lines == [" name    value  note", " a         1.5  x", " longer  10.25"]
