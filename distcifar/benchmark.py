@@ -1,27 +1,13 @@
 """How close does train.py's loop come to a bare PyTorch loop on this machine, and where does the time go?
 
-    python -m distcifar.benchmark [--config FILE] [--section.field VALUE ...] [--warmup 2] [--steps 5] (GPU: 20, 100)
-                                  [--repeats 3] [--quick] [--output bench.json] [--baseline one.json]
+    python -m distcifar.benchmark [--config FILE] [--section.field VALUE ...] [--quick] [--output bench.json]
     accelerate launch --config_file launch/cpu_multi.yaml --num_processes 2 -m distcifar.benchmark --baseline one.json
 
-The config is taken as train.py takes it (default: configs' defaults, with batch 128 on a CPU unless --config or
---train.batch_size say otherwise). Per process it measures
-
-  1. bare:  the same network, micro-batch, precision and layout in a plain PyTorch loop on one resident batch;
-  2. loop:  train.py's own steps: engine.build_training and engine.optimizer_steps on a real-size uint8 training
-            set on the device (synthetic unless --data.path is set), its rows logged to a real Tracker;
-  3. data:  the augmented micro-batches alone, no model;
-  4. checkpoint save and load with the Checkpointer;
-  5. startup: seconds from the start of this process to the end of the first optimizer step;
-  6. utilisation: training FLOPs per image, the TFLOP/s of (1) and (2) and their share of the peak (on a CPU a
-            matmul in the run's precision, timed in turns with the steps).
-
-(1) and (2) take turns (step by step on a CPU, run by run on a GPU), so that other jobs' load hits both alike; each
-figure is the median of --repeats runs of --steps optimizer steps after --warmup. Under N > 1 processes it also
-times (2b) nosync: the same steps inside DDP's no_sync() (checked to skip the all-reduce: identical weights before,
-different after), and reports communication_share = 1 - t_nosync / t_sync paired run by run; with --baseline (the
-JSON of a one-process run of the same config) the speedup and scaling_efficiency = speedup / N. The sweep over
-process counts and the bandwidth model are scripts/scaling.py. --quick: a tiny model and counts, proving it runs.
+Per process: (1) bare PyTorch on one resident batch, (2) train.py's own steps (engine.optimizer_steps, rows logged),
+(3) the data pipeline alone, (4) checkpoint save and load, (5) launch to first step, (6) utilisation. (1) and (2)
+take turns so that other jobs' load hits both alike; each figure is the median of --repeats runs. Under N > 1
+processes also (2b) the same steps inside no_sync(): the communication share, and with --baseline the scaling
+efficiency. What each figure means: docs/performance.md; the process sweep and bandwidth model: scripts/scaling.py.
 """
 
 from __future__ import annotations
