@@ -5,7 +5,8 @@
 
 Each NAME=RUN_DIR is a train.py output folder (config.json, metrics.jsonl, summary.json); the first is the baseline.
 For each run it writes what its config changes against the baseline's, the test accuracy and training seconds at
-every evaluation (with train.ema_decay also the training weights' own accuracy), the final figures and, when the
+every evaluation (with train.ema_decay also the training weights' own accuracy), the final figures (with the
+test-time views' accuracies) and, when the
 file RUN_DIR.load exists (lines "<time> <1-min> <5-min> <15-min> load average", one a minute, as the proxy runs
 sampled it), the mean 1-minute load average while it ran: what else the machine was doing. OUT.json holds it all,
 OUT.md the table.
@@ -23,12 +24,13 @@ from gpu_check import training_result  # scripts/ is on sys.path: this script's 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distcifar.config import flatten  # noqa: E402
+from distcifar.config import config_from_dict, flatten  # noqa: E402
 
 
 def changes(config: dict, baseline: dict) -> dict:
-    """The config fields of a run that differ from the baseline's (output_dir apart), as {field: value}."""
-    mine, theirs = flatten(config), flatten(baseline)
+    """The config fields of a run that differ from the baseline's (output_dir apart), as {field: value}. A field
+    that one run's config.json lacks (a run older than the field) counts at its default, which that run used."""
+    mine, theirs = (flatten(config_from_dict(tree).to_dict()) for tree in (config, baseline))
     return {
         key: mine.get(key)
         for key in sorted(set(mine) | set(theirs))
@@ -59,7 +61,8 @@ def compare(runs: dict[str, Path]) -> list[dict]:
                 "name": name,
                 "run_dir": str(path),
                 "changes": changes(configs[name], baseline),
-                **{k: result[k] for k in ("test_accuracy", "test_accuracy_raw", "train_seconds", "images_per_second")},
+                **{k: result[k] for k in ("test_accuracy", "test_accuracy_hflip", "test_accuracy_hflip_translate")},
+                **{k: result[k] for k in ("test_accuracy_raw", "train_seconds", "images_per_second")},
                 "mixed_precision": result["mixed_precision"],
                 "eval_samples": result["eval_samples"],
                 "mean_load_1min": mean_load(path),
@@ -80,8 +83,8 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| run | change against the baseline | "
         + " | ".join(f"ep {epoch:g}" for epoch in epochs)
-        + " | final | without EMA | train s | load |",
-        "|---|---|" + "---|" * len(epochs) + "---|---|---|---|",
+        + " | final | mirror | mirror + shifts | without EMA | train s | load |",
+        "|---|---|" + "---|" * len(epochs) + "---|---|---|---|---|---|",
     ]
     for row in rows:
         change = ", ".join(f"`{k}` {v}" for k, v in row["changes"].items()) or "(the baseline)"
@@ -90,7 +93,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['name']} | {change} | "
             + " | ".join(percent(at.get(epoch)) for epoch in epochs)
-            + f" | **{percent(row['test_accuracy'])}** | {percent(row['test_accuracy_raw'])} | "
+            + f" | **{percent(row['test_accuracy'])}** | {percent(row['test_accuracy_hflip'])} | "
+            f"{percent(row['test_accuracy_hflip_translate'])} | {percent(row['test_accuracy_raw'])} | "
             f"{row['train_seconds']:.0f} | {'' if load is None else load} |"
         )
     return "\n".join(lines)

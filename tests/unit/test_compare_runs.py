@@ -10,11 +10,16 @@ from distcifar.config import Config
 from support import REPO
 
 
-def _run_folder(folder, cfg: Config, evaluations: list[tuple[int, float, float, float]], raw: float | None, load):
+def _run_folder(
+    folder, cfg: Config, evaluations: list[tuple[int, float, float, float]], raw: float | None, load, older=False
+):
     """A finished run as train.py leaves it: config.json, metrics.jsonl (step, epoch, accuracy, training seconds
     per evaluation), summary.json; and the proxy runner's load samples in FOLDER.load."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    stored = cfg.to_dict()
+    if older:  # config.json as a run older than data.crop_padding_mode wrote it: it ran with the default
+        del stored["data"]["crop_padding_mode"]
+    (folder / "config.json").write_text(json.dumps(stored))
     rows = [{"step": 1, "train/loss": 2.3}]
     rows += [
         {"step": s, "train/epoch": e, "eval/accuracy": a, "eval/loss": 1.0, "train/seconds": t}
@@ -23,6 +28,7 @@ def _run_folder(folder, cfg: Config, evaluations: list[tuple[int, float, float, 
     (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = {"test_accuracy": evaluations[-1][2], "train_seconds": evaluations[-1][3], "images_per_second": 100.0}
     summary.update(mixed_precision="no", eval_samples=10000, **({"test_accuracy_raw": raw} if raw else {}))
+    summary.update(test_accuracy_hflip=evaluations[-1][2] + 0.01, test_accuracy_hflip_translate=None)
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder.parent / f"{folder.name}.load").write_text("".join(f"2026-12-02T00:0{i}:00 {v} 1.0 1.0\n" for i, v in load))
 
@@ -30,7 +36,9 @@ def _run_folder(folder, cfg: Config, evaluations: list[tuple[int, float, float, 
 def test_the_table_names_each_change_and_aligns_evaluations_by_epoch(tmp_path, monkeypatch, capsys):
     baseline, variant = Config(), Config()
     variant.model.dropout, variant.train.batch_size = 0.25, 256  # two changes, both named
-    _run_folder(tmp_path / "base", baseline, [(195, 1.0, 0.5, 10.0), (390, 2.0, 0.75, 20.0)], 0.7, [(0, 3.0), (1, 5.0)])
+    variant.data.crop_padding_mode = "zeros"  # the default, which the baseline's older config.json lacks: no change
+    evaluations, load = [(195, 1.0, 0.5, 10.0), (390, 2.0, 0.75, 20.0)], [(0, 3.0), (1, 5.0)]
+    _run_folder(tmp_path / "base", baseline, evaluations, 0.7, load, older=True)
     _run_folder(
         tmp_path / "half", variant, [(48, 0.5, 0.25, 4.0), (97, 1.0, 0.625, 9.0), (194, 2.0, 0.8, 19.0)], None, []
     )
@@ -62,10 +70,11 @@ def test_the_table_names_each_change_and_aligns_evaluations_by_epoch(tmp_path, m
     lines = out.with_suffix(".md").read_text().splitlines()
     assert lines[0] == "# T" and "C" in lines
     assert (
-        "| run | change against the baseline | ep 0.5 | ep 1 | ep 2 | final | without EMA | train s | load |" in lines
+        "| run | change against the baseline | ep 0.5 | ep 1 | ep 2 | final | mirror | mirror + shifts | without EMA "
+        "| train s | load |" in lines
     )
-    assert "| base | (the baseline) |  | 50.00 | 75.00 | **75.00** | 70.00 | 20 | 4.0 |" in lines
+    assert "| base | (the baseline) |  | 50.00 | 75.00 | **75.00** | 76.00 |  | 70.00 | 20 | 4.0 |" in lines
     assert (
-        "| half | `model.dropout` 0.25, `train.batch_size` 256 | 25.00 | 62.50 | 80.00 | **80.00** |  | 19 |  |"
-        in lines
+        "| half | `model.dropout` 0.25, `train.batch_size` 256 | 25.00 | 62.50 | 80.00 | **80.00** | 81.00 |  |  | 19 |"
+        "  |" in lines
     )
