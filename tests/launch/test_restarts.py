@@ -72,11 +72,11 @@ def test_accelerate_restarts_a_rank_that_stops_answering_after_the_collective_ti
     tmp_path, synthetic_data, uninterrupted
 ):
     # rank 1 sleeps from its 8th step on (in the first attempt only): rank 0 waits in the next all-reduce until
-    # the 30 s collective timeout ends it, and the launcher restarts the group
+    # the 20 s collective timeout ends it, and the launcher restarts the group
     out = tmp_path / "run"
     command = [*accelerate_launch("cpu_multi.yaml", "--max_restarts", "1"), probe("instrumented_train")]
     hang = {"PROBE_FAIL_RANK": "1", "PROBE_FAIL_STEP": "8", "PROBE_HANG": "1"}
-    args = train_args(out, synthetic_data, *RESTART_ARGS, "--train.collective_timeout_s", "30")
+    args = train_args(out, synthetic_data, *RESTART_ARGS, "--train.collective_timeout_s", "20")
     code, stdout, stderr = finish(start(command + args, {**os.environ, **hang}, True), 500)
     assert code == 0, (stdout + stderr)[-6000:]
     assert "rank 1 stops answering at step 8" in stderr
