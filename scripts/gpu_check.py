@@ -169,6 +169,9 @@ class Check:
                 return None
             self.say(f"{name}: predicted {predicted:.0f} s, {self.left():.0f} s left")
         run_dir = Path(self.args.runs) / name
+        if self.args.resume and (run_dir / "eval_hflip.json").exists():  # trained and evaluated in an earlier sitting
+            self.say(f"{name}: finished earlier, its result stands as written then ({run_dir})")
+            return training_result(run_dir)
         if not self.args.resume:
             shutil.rmtree(run_dir, ignore_errors=True)  # a new measurement: nothing of an earlier one in its metrics
         command = [

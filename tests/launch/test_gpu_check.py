@@ -10,7 +10,9 @@ import sys
 from support import REPO
 
 
-def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues_a_run(tmp_path, synthetic_data):
+def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues_only_unfinished_runs(
+    tmp_path, synthetic_data
+):
     out = tmp_path / "out"
     command = [
         sys.executable,
@@ -65,11 +67,20 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     ):
         assert logged in log
 
-    # --resume (the long CPU run, across sittings): the run folder is continued, not started afresh. Here the run
-    # had finished, so nothing is trained again and the result is written anew with the same evaluations.
-    again = subprocess.run(
-        [*command[:4], "default", "--resume", *command[5:]], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    # --resume (the long CPU runs, across sittings): a run folder is continued, not started afresh; a run that
+    # finished and was evaluated in an earlier sitting is left as it is (neither trained nor evaluated again) and
+    # its result file stands
+    resume = [*command[:4], "default", "--resume", *command[5:]]
+    written = next(out.glob("*-cpu-*default.json")).read_bytes()
+    again = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert "default: finished earlier, its result stands as written then" in again.stdout
+    assert "-m distcifar.train" not in again.stdout and "-m distcifar.evaluate" not in again.stdout
+    assert next(out.glob("*-cpu-*default.json")).read_bytes() == written
+    # a sitting that ended before the evaluation: train.py continues the folder (--resume auto; here nothing is
+    # left to train) and the result is written anew with the same evaluations
+    (tmp_path / "runs" / "default" / "eval_hflip.json").unlink()
+    again = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert "--resume auto" in again.stdout and "resumed from" in again.stdout
     assert json.loads(next(out.glob("*-cpu-*default.json")).read_text())["epochs"] == epochs
