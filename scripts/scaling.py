@@ -138,8 +138,9 @@ def prediction_table(compute_seconds, payload, processes, links, bucket_bytes=25
             p = predict(compute_seconds, payload, n, bandwidth, latency, bucket_bytes, target)
             rows.append({"link": name, **asdict(p)})
             figures = (bandwidth, n, p.comm_seconds * 1e3, p.efficiency, p.communication_share)
-            cells.append([name, *map(format, figures, (".1f", "d", ".2f", ".2f", ".1%"))])
-            cells[-1].append(str(p.accumulation_for_target))
+            cells.append(
+                [name, *map(format, figures, (".1f", "d", ".2f", ".2f", ".1%")), str(p.accumulation_for_target)]
+            )
     title = (
         f"predicted scaling: {compute_seconds * 1e3:.1f} ms compute per optimizer step and process, "
         f"{payload / 1e6:.1f} MB all-reduced per step; no overlap of communication with backward (pessimistic)"
@@ -270,11 +271,12 @@ def sweep_report(table: list[dict]) -> str:
     names = ["N", "threads", "images/s", "total", "speedup", "efficiency", "no-sync", "comm share", "model", "GB/s"]
     keys = ["processes", "num_threads", "loop_images_per_second", "total_images_per_second", "speedup"]
     keys += ["scaling_efficiency", "nosync_images_per_second", "communication_share", "predicted_communication_share"]
+    keys += ["link_gbps"]
     specs = ["d", "d", ".1f", ".1f", ".2f", ".2f", ".1f", ".1%", ".1%", ".2f"]
     cells = [[*names, "load"]]
     for row in table:
         load = f"{row['load_average'][0]:.1f}-{row['load_average'][1]:.1f}"
-        cells.append([*(fmt(row[key], spec) for key, spec in zip([*keys, "link_gbps"], specs)), load])
+        cells.append([*(fmt(row[key], spec) for key, spec in zip(keys, specs)), load])
     title = "scaling: the same config on 1..N processes of this machine (per process unless total)"
     return "\n".join([title, *columns(cells, ">" * 10 + "<", indent="  ")])
 

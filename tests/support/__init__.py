@@ -9,7 +9,7 @@
 The tests in tests/unit and tests/launch import it as `support` (pytest puts tests/ on sys.path, where conftest.py
 is); the probe scripts in tests/probes put tests/ on sys.path themselves and import it too."""
 
-from support.data import make_images, write_parquet_dataset
+from support.data import CIFAR10_MEAN, CIFAR10_STD, make_images, write_parquet_dataset
 from support.launch import (
     ACCELERATE,
     TORCHRUN,
@@ -42,6 +42,8 @@ from support.wandb_files import offline_runs, read_offline_run, read_wandb_recor
 
 __all__ = [
     "ACCELERATE",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "CLASS_NAMES",
     "REPO",
     "RESTART_ARGS",

@@ -12,11 +12,9 @@ import distcifar.data as data
 from distcifar.config import DataConfig
 from distcifar.data import TrainBatches, augment, augment_params, load_splits, normalize
 from distcifar.errors import DataError
+from support import CIFAR10_MEAN as MEAN
+from support import CIFAR10_STD as STD
 from support import CLASS_NAMES, make_images, write_parquet_dataset
-
-# The CIFAR-10 statistics, typed in again so the expectations do not read them from the code under test.
-MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
 
 def _standardise(x01: torch.Tensor) -> torch.Tensor:

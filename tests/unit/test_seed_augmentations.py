@@ -12,9 +12,9 @@ from torchvision.transforms import InterpolationMode
 
 from distcifar.config import DataConfig
 from distcifar.data import augment, augment_params
+from support import CIFAR10_MEAN as MEAN
+from support import CIFAR10_STD as STD
 
-MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)  # typed in again, as in test_data.py
-STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 SEED = DataConfig(augment=["crop", "hflip", "vflip", "rotate", "color_jitter"], rotate_degrees=15, color_jitter=0.2)
 
 
