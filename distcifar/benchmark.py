@@ -48,14 +48,14 @@ QUICK += ["--data_steps=4"]
 GPU_COUNTS = ["--warmup=20", "--steps=100"]  # 5 steps on a GPU take ~0.1 s, the first ones with cuDNN's search
 
 
-def timed(steps, count: int, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of `count` more items of the generator `steps`."""
+def timed(steps, count: int, device: torch.device) -> float:
+    """Wall seconds of `count` more items of the generator `steps`."""
     wait_for_device(device)
-    wall, cpu = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
     for _ in range(count):
         next(steps)
     wait_for_device(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - started
 
 
 def bare_loop(cfg, accelerator, micro_batch: int):
@@ -136,7 +136,6 @@ def set_up(cfg, accelerator, launched: float) -> tuple[dict, dict]:
     scratch = decided_by_main_process(accelerator, lambda: tempfile.mkdtemp(prefix="distcifar-bench-"))
     cfg.output_dir = scratch  # the main process's throwaway folder, for every rank
     set_seed(cfg.train.seed)
-    data_started = time.perf_counter()
     if cfg.data.path:
         with accelerator.main_process_first():
             train_split, eval_split, _ = load_splits(cfg.data, cfg.model.num_classes)
@@ -146,25 +145,23 @@ def set_up(cfg, accelerator, launched: float) -> tuple[dict, dict]:
         images = distinct.to(torch.uint8).repeat(-(-size // 1000), 1, 1, 1)[:size].contiguous()
         train_split = Split(images, torch.randint(0, cfg.model.num_classes, (size,), generator=generator))
         eval_split = train_split.head(cfg.train.eval_batch_size)
-    data_seconds = time.perf_counter() - data_started
     training = build_training(cfg, accelerator, train_split, eval_split)
     tracker = tracking.Tracker(accelerator, cfg, Path(cfg.output_dir), None, hardware(accelerator))
     loop = logged(optimizer_steps(accelerator, training, cfg.optim, Progress(), until=sys.maxsize), tracker)
     startup_seconds = time.time() - launched
-    first_step_seconds = timed(loop, 1, accelerator.device)[0]
+    first_step_seconds = timed(loop, 1, accelerator.device)
     data = cfg.data.path or f"synthetic ({len(train_split)} images)"
     parts = dict(training=training, tracker=tracker, loop=loop, scratch=scratch, data=data)
     return parts, {
         "startup_seconds": startup_seconds,
         "first_step_seconds": first_step_seconds,
         "launch_to_first_step_seconds": time.time() - launched,
-        "dataset_load_seconds": data_seconds if cfg.data.path else None,
     }
 
 
 def time_loops(args, cfg, accelerator, parts) -> tuple[dict[str, list[float]], bool | None]:
-    """(1), (2), (2b) and on a CPU the matmul peak, warmed up, then timed in turns; images/s (the peak: TFLOP/s) and
-    CPU seconds per step of each run. Also whether no-sync skipped the all-reduce (None: one process)."""
+    """(1), (2), (2b) and on a CPU the matmul peak, warmed up, then timed in turns: images/s (the peak: TFLOP/s) of
+    each run. Also whether no-sync skipped the all-reduce (None: one process)."""
     training, device = parts["training"], accelerator.device
     loops = {"bare": bare_loop(cfg, accelerator, training.batches.micro_batch), "loop": parts["loop"]}
     for steps in loops.values():
@@ -181,16 +178,15 @@ def time_loops(args, cfg, accelerator, parts) -> tuple[dict[str, list[float]], b
         loops["peak"] = matmuls(training.compute.precision)
         timed(loops["peak"], 1, device)  # its first matmul makes the matrices: not part of any timed run
     images_per_step = training.batches.micro_batch * cfg.train.grad_accum_steps
-    runs = {name: [] for loop in loops for name in (loop, f"{loop}_cpu")}
+    runs = {name: [] for name in loops}
     chunk = 1 if device.type == "cpu" else args.steps
     for repeat in range(args.repeats):
-        spent = {name: [0.0, 0.0] for name in loops}
+        spent = dict.fromkeys(loops, 0.0)
         for _ in range(args.steps // chunk):
             for name, steps in loops.items():
-                spent[name] = [total + part for total, part in zip(spent[name], timed(steps, chunk, device))]
-        for name, (wall, cpu) in spent.items():
+                spent[name] += timed(steps, chunk, device)
+        for name, wall in spent.items():
             runs[name].append(args.steps * (MATMUL_FLOPS / 1e12 if name == "peak" else images_per_step) / wall)
-            runs[f"{name}_cpu"].append(cpu / args.steps)
         print_once(f"  run {repeat + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in runs.items()))
     return runs, skips_all_reduce
 
@@ -200,7 +196,7 @@ def time_data_and_checkpoints(args, cfg, accelerator, parts, runs: dict) -> floa
     device, training = accelerator.device, parts["training"]
     data = data_loop(training.batches)
     timed(data, 2, device)
-    runs["data"] = [args.data_steps / timed(data, args.data_steps, device)[0] for _ in range(args.repeats)]
+    runs["data"] = [args.data_steps / timed(data, args.data_steps, device) for _ in range(args.repeats)]
     checkpointer = Checkpointer.for_run(accelerator, cfg, training)
     runs["checkpoint_save"], runs["checkpoint_load"] = [], []
     for repeat in range(args.repeats):
@@ -226,7 +222,7 @@ def figures(cfg, accelerator, parts, runs: dict, skips_all_reduce, baseline: dic
     if world > 1:
         runs["communication_share"] = [1 - loop / nosync for loop, nosync in zip(runs["loop"], runs["nosync"])]
     median = {name: statistics.median(values) for name, values in runs.items()}
-    micro_batch, on_cpu = parts["training"].batches.micro_batch, accelerator.device.type == "cpu"
+    micro_batch = parts["training"].batches.micro_batch
     peak = median.get("peak") or (compute.peak_tflops / world if compute.peak_tflops else None)
     per_rank = accelerator.gather(torch.tensor([median["loop"]], dtype=torch.float64, device=accelerator.device))
     total, images_per_step = sum(per_rank.tolist()), micro_batch * cfg.train.grad_accum_steps
@@ -240,10 +236,6 @@ def figures(cfg, accelerator, parts, runs: dict, skips_all_reduce, baseline: dic
         "data_batches_per_second": median["data"],
         "loop_vs_bare_ratio": median["loop"] / median["bare"],
         "data_vs_step_ratio": median["data"] * micro_batch / median["loop"],
-        # CPU seconds per optimizer step: steadier than images/s on a shared CPU, meaningless on a GPU
-        "bare_cpu_seconds_per_step": median["bare_cpu"],
-        "loop_cpu_seconds_per_step": median["loop_cpu"],
-        "loop_vs_bare_cpu_ratio": median["bare_cpu"] / median["loop_cpu"] if on_cpu else None,
         "checkpoint_save_seconds": median["checkpoint_save"],
         "checkpoint_load_seconds": median["checkpoint_load"],
         "train_flops_per_image": compute.flops_per_image,
@@ -329,12 +321,12 @@ def report(r: dict) -> str:
         ]
     if r["num_processes"] > 1:
         checked = "" if r["nosync_skips_all_reduce"] else " (NOT checked: see warning)"
-        rows.append(
-            ("2b. no grad sync", f"{r['nosync_images_per_second']:.1f} images/s", spread("nosync", ".1f") + checked)
-        )
-        rows.append(("communication share", f"{r['communication_share']:.1%}", spread("communication_share", ".1%")))
         efficiency = f"scaling efficiency {r['scaling_efficiency']:.2f}" if r["speedup"] else "(--baseline: efficiency)"
-        rows.append((f"total over {r['num_processes']}", f"{r['total_images_per_second']:.1f} images/s", efficiency))
+        rows += [
+            ("2b. no grad sync", f"{r['nosync_images_per_second']:.1f} images/s", spread("nosync", ".1f") + checked),
+            ("communication share", f"{r['communication_share']:.1%}", spread("communication_share", ".1%")),
+            (f"total over {r['num_processes']}", f"{r['total_images_per_second']:.1f} images/s", efficiency),
+        ]
     header = (
         f"distcifar benchmark: {r['device']} ({r['device_name']}), {r['num_threads']} threads, {r['num_processes']} "
         f"process(es), {r['mixed_precision']}, batch {r['batch_size']} ({r['micro_batch_size']} per device), "
