@@ -157,7 +157,7 @@ def _training(cfg, summary: dict | None) -> str:
     }[o.name]
     lines = [
         f"- **Data**: {source}{limits}; augmentation on the device: {', '.join(d.augment) or 'none'}"
-        + (f" (crop padding {d.crop_padding})" if "crop" in d.augment else "")
+        + (f" (crop padding {d.crop_padding}, {d.crop_padding_mode})" if "crop" in d.augment else "")
         + ".",
         f"- **Optimizer**: {optimizer}, peak learning rate {o.lr}, weight decay {o.weight_decay} "
         f"({'on every parameter' if o.decay_norm_and_bias else 'conv and linear weights only'}), label smoothing "
