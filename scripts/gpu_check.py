@@ -63,12 +63,13 @@ VARIANTS["default-10ep-lr0.4-wd0.001"] = ["--train.epochs", "10", "--optim.lr", 
 # one lever each: a regulariser is judged at the length it is for (docs/recipes.md). Cutout comes with the reflect
 # padding of the recipes it is taken from, and reflect padding alone tells the two apart; one-cycle peaks at a
 # fifth of the schedule, as Page's did (5 of 24).
-CUTOUT = ["--data.crop_padding_mode", "reflect", "--data.augment", "[crop,hflip,cutout]", "--data.cutout_size"]
+REFLECT = ["--data.crop_padding_mode", "reflect"]
+CUTOUT = [*REFLECT, "--data.augment", "[crop,hflip,cutout]", "--data.cutout_size"]
 LEVERS = {
     "": [],
     "-reflect-cutout8": [*CUTOUT, "8"],
     "-reflect-cutout12": [*CUTOUT, "12"],
-    "-reflect": ["--data.crop_padding_mode", "reflect"],  # added after it gained 0.5-1.6 on configs/cpu.yaml
+    "-reflect": REFLECT,  # added after it gained 0.5-1.6 on configs/cpu.yaml
     "-ls0.2": ["--optim.label_smoothing", "0.2"],
     "-ema0.998": ["--train.ema_decay", "0.998"],
     "-onecycle": ["--optim.schedule", "onecycle", "--optim.warmup_epochs", "6"],
