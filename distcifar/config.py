@@ -95,6 +95,10 @@ class DataConfig:
     crop_padding_mode: Literal["zeros", "reflect"] = "zeros"
     """What the crop's padding holds: zeros (black) or the image reflected at its edges (as David Page's ResNet-9
     recipe pads)."""
+    hflip_mode: Literal["random", "alternate"] = "random"
+    """augment: hflip. random: each image mirrored with probability 1/2, drawn anew each epoch. alternate (airbench's):
+    each image mirrored at random in the first epoch and then the other way each epoch, so that any two consecutive
+    epochs show it both ways."""
     rotate_degrees: float = 15.0
     """Largest rotation either way (augment: rotate)."""
     color_jitter: float = 0.2
@@ -107,6 +111,10 @@ class DataConfig:
         for name in ("train_limit", "eval_limit", "val_size", "crop_padding"):
             _check(getattr(self, name) >= 0, f"data.{name} must be >= 0, got {getattr(self, name)}")
         _check(0 < self.cutout_size <= 32, f"data.cutout_size must be in 1..32, got {self.cutout_size}")
+        _check(
+            self.hflip_mode == "random" or "hflip" in self.augment,
+            "data.hflip_mode alternate needs hflip in data.augment",
+        )
 
 
 @dataclass

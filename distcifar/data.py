@@ -335,6 +335,11 @@ class TrainBatches:
         self.layout = layout  # the network's input layout (engine: channels_last)
         self._generator = torch.Generator(device=device)
         self._order_epoch, self._order = -1, None
+        # data.hflip_mode alternate: each image's mirroring in epoch 0, a function of the seed alone (offset by 2**32
+        # so that it is none of permutation()'s seeds).
+        if cfg.hflip_mode == "alternate":
+            first_flips = torch.rand(len(train), generator=torch.Generator().manual_seed(2**32 + seed)) < 0.5
+            self.first_flips = first_flips.to(device)
 
     def permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -353,6 +358,9 @@ class TrainBatches:
             self._order_epoch, self._order = epoch, self.permutation(epoch)
         self._generator.manual_seed(hash((self.seed, epoch, position)) & (2**62 - 1))
         params = augment_params(self.batch_size, self.cfg, self._generator, self.device)
+        if self.cfg.hflip_mode == "alternate":  # replaces the random draw, which stays so later draws are unchanged
+            indices = self._order[position * self.batch_size : (position + 1) * self.batch_size]
+            params["hflip"] = self.first_flips[indices] ^ bool(epoch % 2)
         return self._micro_batches(self._order, position, params)
 
     def epoch(self, epoch: int, start_step: int = 0):

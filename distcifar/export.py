@@ -158,6 +158,7 @@ def _training(cfg, summary: dict | None) -> str:
     lines = [
         f"- **Data**: {source}{limits}; augmentation on the device: {', '.join(d.augment) or 'none'}"
         + (f" (crop padding {d.crop_padding}, {d.crop_padding_mode})" if "crop" in d.augment else "")
+        + ("; hflip alternates by epoch" if d.hflip_mode == "alternate" else "")
         + ".",
         f"- **Optimizer**: {optimizer}, peak learning rate {o.lr}, weight decay {o.weight_decay} "
         f"({'on every parameter' if o.decay_norm_and_bias else 'conv and linear weights only'}), label smoothing "

@@ -62,7 +62,7 @@ VARIANTS["default-10ep-lr0.4-wd0.001"] = ["--train.epochs", "10", "--optim.lr", 
 # Then 30 epochs at the best optimiser setting of the 10-epoch runs (lr 0.4, weight decay 5e-4), alone and with
 # one lever each: a regulariser is judged at the length it is for (docs/recipes.md). Cutout comes with the reflect
 # padding of the recipes it is taken from, and reflect padding alone tells the two apart; one-cycle peaks at a
-# fifth of the schedule, as Page's did (5 of 24).
+# fifth of the schedule, as Page's did (5 of 24); the alternating flip is airbench's.
 REFLECT = ["--data.crop_padding_mode", "reflect"]
 CUTOUT = [*REFLECT, "--data.augment", "[crop,hflip,cutout]", "--data.cutout_size"]
 LEVERS = {
@@ -73,6 +73,7 @@ LEVERS = {
     "-ls0.2": ["--optim.label_smoothing", "0.2"],
     "-ema0.998": ["--train.ema_decay", "0.998"],
     "-onecycle": ["--optim.schedule", "onecycle", "--optim.warmup_epochs", "6"],
+    "-altflip": ["--data.hflip_mode", "alternate"],
 }
 VARIANTS |= {
     f"default-30ep-lr0.4{name}": ["--train.epochs", "30", "--optim.lr", "0.4", *extra] for name, extra in LEVERS.items()

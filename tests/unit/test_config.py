@@ -89,6 +89,7 @@ def test_seed_recipe_is_the_coursework():
         (["--train.stop_at_accuracy", "93"], "train.stop_at_accuracy must be in [0, 1] (0 = off), got 93"),
         (["--train.eval_every_epochs", "0"], "train.eval_every_epochs must be > 0"),
         (["--data.cutout_size", "0"], "data.cutout_size must be in 1..32"),
+        (["--data.hflip_mode", "alternate", "--data.augment", "[crop]"], "data.hflip_mode alternate needs hflip"),
         (["--train.epochs"], "train.epochs"),
         (["stray"], "stray"),
         (["--train.profile_steps", "5:3"], "train.profile_steps must be A:B with 1 <= A <= B"),

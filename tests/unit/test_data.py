@@ -409,10 +409,10 @@ def test_augmentations_left_out_of_the_config_do_nothing():
     )
 
 
-def _batches(train, world, rank, accum):
+def _batches(train, world, rank, accum, cfg=None):
     return TrainBatches(
         train,
-        DataConfig(),
+        cfg or DataConfig(),
         batch_size=32,
         grad_accum_steps=accum,
         rank=rank,
@@ -432,12 +432,13 @@ def test_epoch_uses_every_sample_once_apart_from_drop_last():
     assert not torch.equal(seen, other_epoch)
 
 
-def test_global_batch_is_identical_whatever_the_ranks_and_accumulation():
-    train = data.Split(_uint8_batch(100), torch.arange(100))
-    single = [(x, y) for _, micro in _batches(train, 1, 0, 1).epoch(0, start_step=1) for x, y in micro]
+@pytest.mark.parametrize("hflip_mode", ["random", "alternate"])
+def test_global_batch_is_identical_whatever_the_ranks_and_accumulation(hflip_mode):
+    train, cfg = data.Split(_uint8_batch(100), torch.arange(100)), DataConfig(hflip_mode=hflip_mode)
+    single = [(x, y) for _, micro in _batches(train, 1, 0, 1, cfg).epoch(1, start_step=1) for x, y in micro]
     for world, accum in ((2, 1), (2, 2), (1, 4)):
         ranks = [
-            [(x, y) for _, micro in _batches(train, world, r, accum).epoch(0, start_step=1) for x, y in micro]
+            [(x, y) for _, micro in _batches(train, world, r, accum, cfg).epoch(1, start_step=1) for x, y in micro]
             for r in range(world)
         ]
         # Reassemble each step's global batch: micro-batch m of rank r sits at (m * world + r).
@@ -445,6 +446,32 @@ def test_global_batch_is_identical_whatever_the_ranks_and_accumulation():
             parts = [ranks[r][step * accum + m] for m in range(accum) for r in range(world)]
             assert torch.equal(torch.cat([p[1] for p in parts]), single[step][1])
             assert torch.equal(torch.cat([p[0] for p in parts]), single[step][0])
+
+
+def _mirrored_per_image(batches: TrainBatches, epoch: int, x: torch.Tensor) -> torch.Tensor:
+    """Whether each training image (by index: its label) came out mirrored in `epoch`; images seen twice are not."""
+    flipped = torch.zeros(len(x), dtype=torch.int64)
+    for _, micro in batches.epoch(epoch):
+        for images, labels in micro:
+            for image, index in zip(images, labels):
+                plain = _standardise(x[index].float() / 255)
+                mirror = _standardise(x[index].flip(-1).float() / 255)
+                assert torch.allclose(image, plain) != torch.allclose(image, mirror)
+                flipped[index] = 1 if torch.allclose(image, mirror) else -1
+    return flipped  # 1 mirrored, -1 not, 0 dropped from this epoch (drop_last)
+
+
+@pytest.mark.parametrize("mode", ["random", "alternate"])
+def test_alternating_flip_shows_each_image_the_other_way_in_the_next_epoch(mode):
+    x = _uint8_batch(100, seed=2)
+    batches = _batches(data.Split(x, torch.arange(100)), 1, 0, 1, DataConfig(augment=["hflip"], hflip_mode=mode))
+    epochs = [_mirrored_per_image(batches, epoch, x) for epoch in range(3)]
+    for first, second in zip(epochs, epochs[1:]):
+        seen_in_both = (first != 0) & (second != 0)
+        opposite = (first == -second)[seen_in_both]
+        assert len(opposite) > 80
+        assert opposite.all() if mode == "alternate" else 0.2 < opposite.float().mean() < 0.8
+    assert 20 < (epochs[0] == 1).sum() < 76  # about half of the 96 seen are mirrored in the first epoch
 
 
 def test_the_seed_recipes_augmentations_compose_per_image_in_order():

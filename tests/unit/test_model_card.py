@@ -25,6 +25,7 @@ def test_the_card_of_a_run_states_its_schedule_batch_precision_and_training_time
     cfg.optim.schedule, cfg.optim.warmup_epochs, cfg.optim.step_epochs, cfg.optim.step_gamma = "step", 1.5, 5.0, 0.3
     cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.train.seed = 512, 4, 7
     cfg.train.epochs, cfg.train.max_steps = 3, 40
+    cfg.data.crop_padding_mode, cfg.data.hflip_mode = "reflect", "alternate"
     summary = {
         "test_accuracy": 0.5,
         "test_loss": 1.25,
@@ -40,6 +41,7 @@ def test_the_card_of_a_run_states_its_schedule_batch_precision_and_training_time
         "train_flops_per_image": 1.584e9,
     }
     text = str(model_card(DistCifarNet(TINY_MODEL_CONFIG), cfg=cfg, summary=summary))
+    assert "augmentation on the device: crop, hflip (crop padding 4, reflect); hflip alternates by epoch." in text
     assert "- **Schedule**: 1.5 warm-up epochs, then step (x0.3 every 5.0 epochs), in optimizer steps." in text
     assert (
         "- **Batch and length**: global batch 512 (4 accumulation step(s)), 3 epochs, at most 40 steps, seed 7." in text
