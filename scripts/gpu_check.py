@@ -1,7 +1,7 @@
 """The GPU check: the benchmark, the default recipe and the seed recipe on one GPU, in one go.
 
     python scripts/gpu_check.py [--data DIR] [--out results] [--budget SECONDS] [--only NAME,...] [--dry-run]
-                                [--runs DIR] [--resume]
+                                [--runs DIR] [--resume] [--report]
 
 In order, each result written to --out as soon as it is known (one JSON file per run, named
 <date>-<device>-<run>.json, with the run's curves.png beside it as <date>-<device>-<run>-curves.png), every
@@ -26,7 +26,9 @@ GPU run cannot fail on a typo; its figures mean nothing.
 
 Training runs go to <runs>/<run> (default /tmp/distcifar-gpu-check), afresh (--resume never) unless --resume
 is given, which continues what an interrupted check left there (--resume auto); no W&B (--tracking.report_to
-none); --data DIR is passed as --data.path (default: the hub's cifar10).
+none); --data DIR is passed as --data.path (default: the hub's cifar10). --report runs nothing and writes each
+unfinished run of the chosen steps as it stands (<date>-<device>-<run>-partial.json, with `finished` false, its
+checkpoints and the command that continues it): what a sitting that ends mid-run commits.
 """
 
 from __future__ import annotations
@@ -190,27 +192,14 @@ class Check:
                 return None
             self.say(f"{name}: predicted {predicted:.0f} s, {self.left():.0f} s left")
         run_dir = Path(self.args.runs) / name
+        if self.args.report:
+            return self.report(name, recipe, extra, run_dir)
         if self.args.resume and (run_dir / "eval_hflip.json").exists():  # trained and evaluated in an earlier sitting
             self.say(f"{name}: finished earlier, its result stands as written then ({run_dir})")
             return training_result(run_dir)
         if not self.args.resume:
             shutil.rmtree(run_dir, ignore_errors=True)  # a new measurement: nothing of an earlier one in its metrics
-        command = [
-            sys.executable,
-            "-m",
-            "distcifar.train",
-            "--config",
-            recipe,
-            "--output_dir",
-            str(run_dir),
-            "--resume",
-            "auto" if self.args.resume else "never",
-            "--tracking.report_to",
-            "none",
-            *self.data,
-            *(DRY_RUN_TRAIN if self.args.dry_run else []),
-            *extra,
-        ]
+        command = self.train_command(recipe, run_dir, extra, "auto" if self.args.resume else "never")
         code = self.run(command)
         result = self.header(recipe, command, code) | training_result(run_dir)
         result["overrides"] = extra
@@ -225,6 +214,37 @@ class Check:
             f"({result.get('test_accuracy_hflip')} with mirror test-time augmentation), "
             + (f"93% after {reached:.1f} s of training" if reached is not None else "93% not reached")
         )
+        return result
+
+    def train_command(self, recipe: str, run_dir: Path, extra: list[str], resume: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "distcifar.train",
+            "--config",
+            recipe,
+            "--output_dir",
+            str(run_dir),
+            "--resume",
+            resume,
+            "--tracking.report_to",
+            "none",
+            *self.data,
+            *(DRY_RUN_TRAIN if self.args.dry_run else []),
+            *extra,
+        ]
+
+    def report(self, name: str, recipe: str, extra: list[str], run_dir: Path) -> dict | None:
+        """--report: an unfinished run as it stands, in <run>-partial.json: its evaluations so far, its checkpoints and
+        the command that continues it. Trains and evaluates nothing; a finished run's result was written then."""
+        result = training_result(run_dir)
+        if not result["epochs"] or result["finished"]:
+            self.say(f"{name}: {'finished' if result['finished'] else 'no evaluation yet'}, nothing to report")
+            return None
+        result = self.header(recipe, self.train_command(recipe, run_dir, extra, "auto"), None) | result
+        result["overrides"] = extra
+        result["checkpoints"] = sorted(path.name for path in (run_dir / "checkpoints").glob("step_*"))
+        self.write(f"{name}-partial", result)
         return result
 
     def mirror_accuracy(self, run_dir: Path) -> float | None:
@@ -254,7 +274,7 @@ class Check:
             return int(given[-1])
         return yaml.safe_load((ROOT / recipe).read_text()).get("train", {}).get("epochs", 40)  # 40: TrainConfig's
 
-    def header(self, recipe: str, command: list[str], code: int) -> dict:
+    def header(self, recipe: str, command: list[str], code: int | None) -> dict:
         return {
             "date": datetime.date.today().isoformat(),
             "device_name": self.device_name,
@@ -336,8 +356,16 @@ def main() -> int:
         help="continue each training run from the checkpoints in its --runs folder (train.py --resume auto) instead "
         "of starting it afresh: for a run longer than one sitting, e.g. the default recipe on a CPU",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write each unfinished training run in --runs as <run>-partial.json (its evaluations so "
+        "far, its checkpoints, the command that continues it): what to commit when a sitting ends mid-run",
+    )
     args = parser.parse_args()
     only = args.only.split(",")
+    if args.report:  # reads run folders only: nothing to benchmark
+        only = [step for step in only if step not in ("benchmark", "compile")]
     unknown = set(only) - set(STEPS)
     if unknown:
         parser.error(f"--only: unknown step(s) {sorted(unknown)}; choose from {', '.join(STEPS)}")

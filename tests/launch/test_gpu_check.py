@@ -84,3 +84,14 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     assert "--resume auto" in again.stdout and "resumed from" in again.stdout
     assert json.loads(next(out.glob("*-cpu-*default.json")).read_text())["epochs"] == epochs
+
+    # --report (a sitting that ends mid-run): nothing runs; an unfinished run is written as <run>-partial.json with
+    # its evaluations so far, its checkpoints and the command that continues it; a finished one is left alone
+    (tmp_path / "runs" / "default" / "summary.json").unlink()  # as if the run had not reached its end
+    report = subprocess.run([*resume, "--report"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stdout[-4000:] + report.stderr[-2000:]
+    assert "-m distcifar." not in report.stdout  # nothing trained, benchmarked or evaluated
+    partial = json.loads(next(out.glob("*-cpu-*default-partial.json")).read_text())
+    assert not partial["finished"] and partial["exit_code"] is None and partial["epochs"] == epochs
+    assert partial["checkpoints"] == sorted(p.name for p in (tmp_path / "runs/default/checkpoints").glob("step_*"))
+    assert partial["checkpoints"] and "--resume auto" in partial["command"]
