@@ -113,7 +113,7 @@ class DataConfig:
         _check(0 < self.cutout_size <= 32, f"data.cutout_size must be in 1..32, got {self.cutout_size}")
         _check(
             self.hflip_mode == "random" or "hflip" in self.augment,
-            "data.hflip_mode alternate needs hflip in data.augment",
+            "data.hflip_mode alternate needs hflip in data.augment: add it there, or leave hflip_mode random",
         )
 
 

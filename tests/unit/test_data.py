@@ -449,7 +449,8 @@ def test_global_batch_is_identical_whatever_the_ranks_and_accumulation(hflip_mod
 
 
 def _mirrored_per_image(batches: TrainBatches, epoch: int, x: torch.Tensor) -> torch.Tensor:
-    """Whether each training image (by index: its label) came out mirrored in `epoch`; images seen twice are not."""
+    """Per training image (its label is its index): 1 if it came out mirrored in `epoch`, -1 if not, 0 if the epoch
+    left it out (drop_last)."""
     flipped = torch.zeros(len(x), dtype=torch.int64)
     for _, micro in batches.epoch(epoch):
         for images, labels in micro:
@@ -458,7 +459,7 @@ def _mirrored_per_image(batches: TrainBatches, epoch: int, x: torch.Tensor) -> t
                 mirror = _standardise(x[index].flip(-1).float() / 255)
                 assert torch.allclose(image, plain) != torch.allclose(image, mirror)
                 flipped[index] = 1 if torch.allclose(image, mirror) else -1
-    return flipped  # 1 mirrored, -1 not, 0 dropped from this epoch (drop_last)
+    return flipped
 
 
 @pytest.mark.parametrize("mode", ["random", "alternate"])
