@@ -85,8 +85,12 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     assert "--resume auto" in again.stdout and "resumed from" in again.stdout
     assert json.loads(next(out.glob("*-cpu-*default.json")).read_text())["epochs"] == epochs
 
-    # --report (a sitting that ends mid-run): nothing runs; an unfinished run is written as <run>-partial.json with
-    # its evaluations so far, its checkpoints and the command that continues it
+    # --report (a sitting that ends mid-run): nothing runs; a finished run is left to its result file, and an
+    # unfinished run is written as <run>-partial.json with its evaluations so far, its checkpoints and the command
+    # that continues it
+    report = subprocess.run([*resume, "--report"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stdout[-4000:] + report.stderr[-2000:]
+    assert "default: finished, nothing to report" in report.stdout and not list(out.glob("*-partial.json"))
     (tmp_path / "runs" / "default" / "summary.json").unlink()  # as if the run had not reached its end
     report = subprocess.run([*resume, "--report"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stdout[-4000:] + report.stderr[-2000:]
