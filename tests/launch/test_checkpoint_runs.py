@@ -140,7 +140,10 @@ def test_sigterm_to_every_rank_saves_that_step_exits_143_on_each_and_resume_fini
         workers = [child for child in psutil.Process(process.pid).children(recursive=True) if _local_rank(child)]
         assert len(workers) == 2, [child.cmdline() for child in workers]
         for worker in workers:
-            worker.send_signal(signal.SIGTERM)
+            # the ranks agree on a signal at the next step, so one signalled first may already have stopped the
+            # other (a loaded machine can hold this loop that long, as CI once did): the exit codes below still hold
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     finally:
         kill_tree(process.pid)  # nothing of a failed test keeps running
