@@ -4,10 +4,9 @@ holds what the README's Results table is made from."""
 
 import datetime
 import json
-import subprocess
 import sys
 
-from support import REPO
+from support import run
 
 
 def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues_only_unfinished_runs(
@@ -29,8 +28,7 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
         "--runs",
         str(tmp_path / "runs"),
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run(command, timeout=600)
     prefix = next(out.glob("*-log.txt")).name.removesuffix("log.txt")  # <date>-cpu-<model>-: CPU figures say so
     assert prefix.startswith(f"{datetime.date.today().isoformat()}-cpu-")
     names = sorted(path.name.removeprefix(prefix) for path in out.iterdir())
@@ -72,28 +70,24 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     # its result file stands
     resume = [*command[:4], "default", "--resume", *command[5:]]
     written = next(out.glob("*-cpu-*default.json")).read_bytes()
-    again = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    again = run(resume, timeout=600)
     assert "default: finished earlier, its result stands as written then" in again.stdout
     assert "-m distcifar.train" not in again.stdout and "-m distcifar.evaluate" not in again.stdout
     assert next(out.glob("*-cpu-*default.json")).read_bytes() == written
     # a sitting that ended before the evaluation: train.py continues the folder (--resume auto; here nothing is
     # left to train) and the result is written anew with the same evaluations
     (tmp_path / "runs" / "default" / "eval_hflip.json").unlink()
-    again = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    again = run(resume, timeout=600)
     assert "--resume auto" in again.stdout and "resumed from" in again.stdout
     assert json.loads(next(out.glob("*-cpu-*default.json")).read_text())["epochs"] == epochs
 
     # --report (a sitting that ends mid-run): nothing runs; a finished run is left to its result file, and an
     # unfinished run is written as <run>-partial.json with its evaluations so far, its checkpoints and the command
     # that continues it
-    report = subprocess.run([*resume, "--report"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert report.returncode == 0, report.stdout[-4000:] + report.stderr[-2000:]
+    report = run([*resume, "--report"], timeout=600)
     assert "default: finished, nothing to report" in report.stdout and not list(out.glob("*-partial.json"))
     (tmp_path / "runs" / "default" / "summary.json").unlink()  # as if the run had not reached its end
-    report = subprocess.run([*resume, "--report"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert report.returncode == 0, report.stdout[-4000:] + report.stderr[-2000:]
+    report = run([*resume, "--report"], timeout=600)
     assert "-m distcifar." not in report.stdout  # nothing trained, benchmarked or evaluated
     partial = json.loads(next(out.glob("*-cpu-*default-partial.json")).read_text())
     assert not partial["finished"] and partial["exit_code"] is None and partial["epochs"] == epochs
