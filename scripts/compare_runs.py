@@ -2,14 +2,21 @@
 
     python scripts/compare_runs.py baseline=/tmp/proxies/ema dropout=/tmp/proxies/dropout ... \
         --out results/2026-12-02-cpu-proxies --title "..." --conditions "..."
+    python scripts/compare_runs.py --previous results/2026-12-02-cpu-proxies.json cutout=/tmp/proxies/cutout \
+        --out results/2026-12-02-cpu-proxies
 
-Each NAME=RUN_DIR is a train.py output folder (config.json, metrics.jsonl, summary.json); the first is the baseline.
+Each NAME=RUN_DIR is a train.py output folder (config.json, metrics.jsonl, summary.json); the first is the baseline
+(without --previous).
 For each run it writes what its config changes against the baseline's, the test accuracy and training seconds at
 every evaluation (with train.ema_decay also the training weights' own accuracy), the final figures (with the
 test-time views' accuracies) and, when the
 file RUN_DIR.load exists (lines "<time> <1-min> <5-min> <15-min> load average", one a minute, as the proxy runs
 sampled it), the mean 1-minute load average while it ran: what else the machine was doing. OUT.json holds it all,
-OUT.md the table.
+with the baseline's config, OUT.md the table.
+
+--previous FILE.json adds runs to an earlier comparison whose run folders may be gone (they live outside the
+repository, on a machine a later session may not have): its rows stay as written, and each new run's changes are
+against the baseline_config it stored.
 """
 
 from __future__ import annotations
@@ -47,10 +54,9 @@ def mean_load(run_dir: Path) -> float | None:
     return round(sum(values) / len(values), 2) if values else None
 
 
-def compare(runs: dict[str, Path]) -> list[dict]:
-    """One row per run: its name, its changes against the first run, its evaluations and its final figures."""
+def compare(runs: dict[str, Path], baseline: dict) -> list[dict]:
+    """One row per run: its name, its changes against the baseline config, its evaluations and its final figures."""
     configs = {name: json.loads((path / "config.json").read_text()) for name, path in runs.items()}
-    baseline = next(iter(configs.values()))
     rows = []
     for name, path in runs.items():
         result = training_result(path)
@@ -102,23 +108,31 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR, the baseline first")
+    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR, the baseline first (without --previous)")
     parser.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
-    parser.add_argument("--title", required=True, help="what was compared, on what (the table's heading)")
-    parser.add_argument("--conditions", default="", help="the machine, what else ran, anything a reader must know")
+    parser.add_argument("--title", help="what was compared, on what (the table's heading); default: --previous's")
+    parser.add_argument("--conditions", help="the machine, what else ran, anything a reader must know")
+    parser.add_argument("--previous", help="an earlier OUT.json whose rows come first, its baseline the baseline")
     args = parser.parse_args()
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else {}
+    if args.previous and "baseline_config" not in previous:
+        parser.error(f"--previous {args.previous}: it has no baseline_config (written before it was stored)")
+    title, conditions = args.title or previous.get("title"), args.conditions or previous.get("conditions", "")
+    if not title:
+        parser.error("--title is required without --previous")
     runs = {}
     for item in args.runs:
         name, _, path = item.partition("=")
         if not path or not (Path(path) / "config.json").is_file():
             parser.error(f"{item}: give NAME=RUN_DIR, a train.py output folder with config.json")
         runs[name] = Path(path)
-    rows = compare(runs)
+    baseline = previous.get("baseline_config") or json.loads((next(iter(runs.values())) / "config.json").read_text())
+    rows = previous.get("runs", []) + compare(runs, baseline)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"title": args.title, "conditions": args.conditions, "runs": rows}
+    record = {"title": title, "conditions": conditions, "baseline_config": baseline, "runs": rows}
     Path(f"{out}.json").write_text(json.dumps(record, indent=2) + "\n")
-    text = f"# {args.title}\n\n{args.conditions}\n\nTest accuracy (%) after each evaluation:\n\n{table(rows)}\n"
+    text = f"# {title}\n\n{conditions}\n\nTest accuracy (%) after each evaluation:\n\n{table(rows)}\n"
     Path(f"{out}.md").write_text(text)
     print(text)
     return 0

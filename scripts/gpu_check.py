@@ -1,7 +1,7 @@
 """The GPU check: the benchmark, the default recipe and the seed recipe on one GPU, in one go.
 
     python scripts/gpu_check.py [--data DIR] [--out results] [--budget SECONDS] [--only NAME,...] [--dry-run]
-                                [--runs DIR] [--resume] [--report]
+                                [--runs DIR] [--resume] [--report] [--variants NAME,...]
 
 In order, each result written to --out as soon as it is known (one JSON file per run, named
 <date>-<device>-<run>.json, with the run's curves.png beside it as <date>-<device>-<run>-curves.png), every
@@ -28,7 +28,8 @@ Training runs go to <runs>/<run> (default /tmp/distcifar-gpu-check), afresh (--r
 is given, which continues what an interrupted check left there (--resume auto); no W&B (--tracking.report_to
 none); --data DIR is passed as --data.path (default: the hub's cifar10). --report runs nothing and writes each
 unfinished run of the chosen steps as it stands (<date>-<device>-<run>-partial.json, with `finished` false, its
-checkpoints and the command that continues it): what a sitting that ends mid-run commits.
+checkpoints and the command that continues it): what a sitting that ends mid-run commits. --variants NAME,...
+runs only those variants (e.g. the rest of the list on a machine whose --runs folder was lost).
 """
 
 from __future__ import annotations
@@ -362,8 +363,16 @@ def main() -> int:
         help="run nothing: write each unfinished training run in --runs as <run>-partial.json (its evaluations so "
         "far, its checkpoints, the command that continues it): what to commit when a sitting ends mid-run",
     )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated names of the variants step to run (default: all, in order); for a machine that lacks "
+        "the run folders of the ones already measured, which --resume would otherwise train again",
+    )
     args = parser.parse_args()
     only = args.only.split(",")
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if set(variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown name(s) {sorted(set(variants) - set(VARIANTS))}; see VARIANTS in {__file__}")
     if args.report:  # reads run folders only: nothing to benchmark
         only = [step for step in only if step not in ("benchmark", "compile")]
     unknown = set(only) - set(STEPS)
@@ -391,8 +400,8 @@ def main() -> int:
         if default and default["test_accuracy"] is not None and default["test_accuracy"] >= TARGET:
             check.say(f"variants: not needed, default reached {default['test_accuracy']:.4f}")
         else:
-            for name, extra in VARIANTS.items():
-                check.train(name, "configs/default.yaml", extra, images_per_second)
+            for name in variants:
+                check.train(name, "configs/default.yaml", VARIANTS[name], images_per_second)
     if "compile" in only:
         if check.left() > 150:  # two models compile before anything is timed
             check.benchmark("benchmark-compile", ["--train.compile", "true"])

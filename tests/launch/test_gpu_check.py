@@ -4,6 +4,7 @@ holds what the README's Results table is made from."""
 
 import datetime
 import json
+import re
 import sys
 
 from support import run
@@ -93,3 +94,14 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     assert not partial["finished"] and partial["exit_code"] is None and partial["epochs"] == epochs
     assert partial["checkpoints"] == sorted(p.name for p in (tmp_path / "runs/default/checkpoints").glob("step_*"))
     assert partial["checkpoints"] and "--resume auto" in partial["command"]
+
+
+def test_variants_runs_only_the_named_ones_in_the_order_given(tmp_path):
+    """--variants: on a machine without the earlier runs' folders, only the rest of the list (here --report, which
+    trains nothing, names each variant it would have run)."""
+    command = [sys.executable, "scripts/gpu_check.py", "--only", "variants", "--report", "--runs", str(tmp_path)]
+    names = ["default-30ep-lr0.4-altflip", "default-10ep-lr0.2"]
+    report = run([*command, "--out", str(tmp_path / "out"), "--variants", ",".join(names)])
+    assert re.findall(r"\] (default-\S+): no evaluation yet", report.stdout) == names
+    unknown = run([*command, "--variants", "default-30ep-lr9"], check=False)
+    assert unknown.returncode == 2 and "--variants: unknown name(s) ['default-30ep-lr9']" in unknown.stderr

@@ -4,6 +4,7 @@ read from run folders laid out as train.py leaves them."""
 
 import importlib
 import json
+import shutil
 import sys
 
 from distcifar.config import Config
@@ -78,3 +79,31 @@ def test_the_table_names_each_change_and_aligns_evaluations_by_epoch(tmp_path, m
         "| half | `model.dropout` 0.25, `train.batch_size` 256 | 25.00 | 62.50 | 80.00 | **80.00** | 81.00 |  |  | 19 |"
         "  |" in lines
     )
+
+
+def test_previous_keeps_its_rows_and_takes_the_new_runs_changes_against_its_baseline(tmp_path, monkeypatch):
+    """The run folders of an earlier comparison are gone (another machine): --previous extends it all the same."""
+    variant, later = Config(), Config()
+    variant.model.dropout = 0.25
+    later.optim.lr = 0.4
+    _run_folder(tmp_path / "base", Config(), [(195, 1.0, 0.5, 10.0)], None, [])
+    _run_folder(tmp_path / "half", variant, [(195, 1.0, 0.6, 10.0)], None, [])
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    compare_runs = importlib.import_module("compare_runs")
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = ["compare_runs.py", f"base={tmp_path / 'base'}", f"half={tmp_path / 'half'}", "--out", str(first)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--title", "T", "--conditions", "C"])
+    assert compare_runs.main() == 0
+    for gone in ("base", "half"):
+        shutil.rmtree(tmp_path / gone)
+    _run_folder(tmp_path / "lr", later, [(195, 1.0, 0.7, 10.0)], None, [])
+    argv = ["compare_runs.py", "--previous", f"{first}.json", f"lr={tmp_path / 'lr'}", "--out", str(second)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert compare_runs.main() == 0
+    record = json.loads(second.with_suffix(".json").read_text())
+    assert (record["title"], record["conditions"]) == ("T", "C")
+    assert [row["name"] for row in record["runs"]] == ["base", "half", "lr"]
+    assert record["runs"][1]["changes"] == {"model.dropout": 0.25}
+    assert record["runs"][2]["changes"] == {"optim.lr": 0.4}  # against the baseline, not the row before it
+    assert record["baseline_config"] == Config().to_dict()
+    assert "| lr | `optim.lr` 0.4 | 70.00 | **70.00** | 71.00 |  |  | 10 |  |" in second.with_suffix(".md").read_text()
