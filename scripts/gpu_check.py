@@ -343,7 +343,8 @@ def training_result(run_dir: Path) -> dict:
     }
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
+    """The command line, checked; `only` and `variants` as lists."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a local copy of CIFAR-10 (folder of train/test parquet); default: the hub")
     parser.add_argument("--out", default=str(ROOT / "results"), help="where the JSON results and the log go")
@@ -369,15 +370,22 @@ def main() -> int:
         "the run folders of the ones already measured, which --resume would otherwise train again",
     )
     args = parser.parse_args()
-    only = args.only.split(",")
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
-    if set(variants) - set(VARIANTS):
-        parser.error(f"--variants: unknown name(s) {sorted(set(variants) - set(VARIANTS))}; see VARIANTS in {__file__}")
+    args.only = args.only.split(",")
+    args.variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if set(args.variants) - set(VARIANTS):
+        unknown = sorted(set(args.variants) - set(VARIANTS))
+        parser.error(f"--variants: unknown name(s) {unknown}; see VARIANTS in {__file__}")
     if args.report:  # reads run folders only: nothing to benchmark
-        only = [step for step in only if step not in ("benchmark", "compile")]
-    unknown = set(only) - set(STEPS)
+        args.only = [step for step in args.only if step not in ("benchmark", "compile")]
+    unknown = set(args.only) - set(STEPS)
     if unknown:
         parser.error(f"--only: unknown step(s) {sorted(unknown)}; choose from {', '.join(STEPS)}")
+    return args
+
+
+def main() -> int:
+    args = arguments()
+    only = args.only
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a machine with a GPU
     check = Check(args)
@@ -400,7 +408,7 @@ def main() -> int:
         if default and default["test_accuracy"] is not None and default["test_accuracy"] >= TARGET:
             check.say(f"variants: not needed, default reached {default['test_accuracy']:.4f}")
         else:
-            for name in variants:
+            for name in args.variants:
                 check.train(name, "configs/default.yaml", VARIANTS[name], images_per_second)
     if "compile" in only:
         if check.left() > 150:  # two models compile before anything is timed
