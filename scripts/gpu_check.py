@@ -372,9 +372,9 @@ def arguments() -> argparse.Namespace:
     args = parser.parse_args()
     args.only = args.only.split(",")
     args.variants = args.variants.split(",") if args.variants else list(VARIANTS)
-    if set(args.variants) - set(VARIANTS):
-        unknown = sorted(set(args.variants) - set(VARIANTS))
-        parser.error(f"--variants: unknown name(s) {unknown}; see VARIANTS in {__file__}")
+    unknown_variants = sorted(set(args.variants) - set(VARIANTS))
+    if unknown_variants:
+        parser.error(f"--variants: unknown name(s) {unknown_variants}; see VARIANTS in {__file__}")
     if args.report:  # reads run folders only: nothing to benchmark
         args.only = [step for step in args.only if step not in ("benchmark", "compile")]
     unknown = set(args.only) - set(STEPS)
