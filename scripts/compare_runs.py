@@ -114,7 +114,10 @@ def main() -> int:
     parser.add_argument("--conditions", help="the machine, what else ran, anything a reader must know")
     parser.add_argument("--previous", help="an earlier OUT.json whose rows come first, its baseline the baseline")
     args = parser.parse_args()
-    previous = json.loads(Path(args.previous).read_text()) if args.previous else {}
+    try:
+        previous = json.loads(Path(args.previous).read_text()) if args.previous else {}
+    except (OSError, ValueError) as err:
+        parser.error(f"--previous {args.previous}: not a comparison JSON this script wrote ({err})")
     if args.previous and "baseline_config" not in previous:
         parser.error(f"--previous {args.previous}: it has no baseline_config (written before it was stored)")
     title, conditions = args.title or previous.get("title"), args.conditions or previous.get("conditions", "")
