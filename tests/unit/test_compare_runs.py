@@ -7,7 +7,7 @@ import json
 import shutil
 import sys
 
-from distcifar.config import Config
+from distcifar.config import Config, parse_config
 from support import REPO
 
 
@@ -107,3 +107,26 @@ def test_previous_keeps_its_rows_and_takes_the_new_runs_changes_against_its_base
     assert record["runs"][2]["changes"] == {"optim.lr": 0.4}  # against the baseline, not the row before it
     assert record["baseline_config"] == Config().to_dict()
     assert "| lr | `optim.lr` 0.4 | 70.00 | **70.00** | 71.00 |  |  | 10 |  |" in second.with_suffix(".md").read_text()
+
+
+def test_each_variant_of_the_sweep_still_trains_what_its_committed_result_measured(monkeypatch):
+    """gpu_check's VARIANTS override configs/default.yaml, which the sweep's winner has since replaced: parsed
+    today, each variant's config differs from the committed lever table's baseline by exactly what its row (or its
+    name) says it changed, so `--variants NAME` reproduces the committed figure."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    gpu_check, compare_runs = (importlib.import_module(name) for name in ("gpu_check", "compare_runs"))
+    levers = json.loads((REPO / "results" / "2026-12-06-cpu-default-30ep-levers.json").read_text())
+    expected = {
+        f"default-30ep-lr0.4{'' if row['name'] == 'baseline' else '-' + row['name']}": row["changes"]
+        for row in levers["runs"]
+    }
+    expected["default-30ep-lr0.4-altflip"] = {"data.hflip_mode": "alternate"}
+    for lr in ("0.1", "0.2", "0.4", "0.8"):  # the 10-epoch sweep ran on the same recipe (lr 0.4 is the baseline's)
+        expected[f"default-10ep-lr{lr}"] = {"train.epochs": 10} | ({} if lr == "0.4" else {"optim.lr": float(lr)})
+    expected["default-10ep-lr0.4-wd0.001"] = {"train.epochs": 10, "optim.weight_decay": 0.001}
+    assert sorted(expected) == sorted(gpu_check.VARIANTS)
+    command = ["--config", str(REPO / "configs" / "default.yaml"), "--resume", "auto", "--tracking.report_to", "none"]
+    command += ["--data.path", levers["baseline_config"]["data"]["path"]]  # as gpu_check gave them (train_command)
+    for name, changes in expected.items():
+        cfg = parse_config([*command, *gpu_check.VARIANTS[name]], prog="test", description="")[0]
+        assert compare_runs.changes(cfg.to_dict(), levers["baseline_config"]) == changes, name

@@ -43,17 +43,18 @@ def test_recipes_are_what_the_readme_says():
     assert (optim.name, optim.nesterov, optim.lr, optim.schedule, optim.warmup_epochs) == (
         "sgd",
         True,
-        0.1,
+        0.4,
         "cosine",
         2,
     )
     assert (optim.label_smoothing, optim.decay_norm_and_bias) == (0.1, False)
     assert (default.data.augment, default.train.mixed_precision, default.train.channels_last) == (
-        ["crop", "hflip"],
+        ["crop", "hflip", "cutout"],
         "auto",
         True,
     )
-    assert (default.train.epochs, default.train.batch_size) == (40, 512)
+    assert (default.data.crop_padding_mode, default.data.cutout_size) == ("reflect", 12)
+    assert (default.train.epochs, default.train.batch_size) == (30, 512)
     smoke = load_config(["--config", str(REPO / "configs" / "smoke.yaml")])
     assert (smoke.data.train_limit, smoke.data.eval_limit, smoke.train.epochs) == (512, 500, 2)
 
