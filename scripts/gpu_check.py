@@ -89,6 +89,7 @@ VARIANTS |= {
     f"default-30ep-lr0.4{name}": [*SWEPT_FROM, "--train.epochs", "30", "--optim.lr", "0.4", *extra]
     for name, extra in LEVERS.items()
 }
+VARIANTS["default-seed1"] = ["--train.seed", "1"]  # the committed recipe with a second seed: its result's spread
 DRY_RUN_EVALUATE = ["--data.eval_limit", "500"]
 DRY_RUN_TRAIN = [
     "--model.block_channels",

@@ -109,10 +109,11 @@ def test_previous_keeps_its_rows_and_takes_the_new_runs_changes_against_its_base
     assert "| lr | `optim.lr` 0.4 | 70.00 | **70.00** | 71.00 |  |  | 10 |  |" in second.with_suffix(".md").read_text()
 
 
-def test_each_variant_of_the_sweep_still_trains_what_its_committed_result_measured(monkeypatch):
+def test_each_variant_and_the_default_recipe_train_what_the_committed_lever_table_says(monkeypatch):
     """gpu_check's VARIANTS override configs/default.yaml, which the sweep's winner has since replaced: parsed
     today, each variant's config differs from the committed lever table's baseline by exactly what its row (or its
-    name) says it changed, so `--variants NAME` reproduces the committed figure."""
+    name) says it changed, so `--variants NAME` reproduces the committed figure; and configs/default.yaml itself
+    is the cutout-12 lever's configuration, field for field."""
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     gpu_check, compare_runs = (importlib.import_module(name) for name in ("gpu_check", "compare_runs"))
     levers = json.loads((REPO / "results" / "2026-12-06-cpu-default-30ep-levers.json").read_text())
@@ -120,13 +121,14 @@ def test_each_variant_of_the_sweep_still_trains_what_its_committed_result_measur
         f"default-30ep-lr0.4{'' if row['name'] == 'baseline' else '-' + row['name']}": row["changes"]
         for row in levers["runs"]
     }
-    expected["default-30ep-lr0.4-altflip"] = {"data.hflip_mode": "alternate"}
     for lr in ("0.1", "0.2", "0.4", "0.8"):  # the 10-epoch sweep ran on the same recipe (lr 0.4 is the baseline's)
         expected[f"default-10ep-lr{lr}"] = {"train.epochs": 10} | ({} if lr == "0.4" else {"optim.lr": float(lr)})
     expected["default-10ep-lr0.4-wd0.001"] = {"train.epochs": 10, "optim.weight_decay": 0.001}
-    assert sorted(expected) == sorted(gpu_check.VARIANTS)
+    expected[""] = expected["default-30ep-lr0.4-reflect-cutout12"]  # configs/default.yaml itself: the sweep's winner
+    expected["default-seed1"] = expected[""] | {"train.seed": 1}
+    assert sorted(expected) == sorted(["", *gpu_check.VARIANTS])
     command = ["--config", str(REPO / "configs" / "default.yaml"), "--resume", "auto", "--tracking.report_to", "none"]
     command += ["--data.path", levers["baseline_config"]["data"]["path"]]  # as gpu_check gave them (train_command)
     for name, changes in expected.items():
-        cfg = parse_config([*command, *gpu_check.VARIANTS[name]], prog="test", description="")[0]
+        cfg = parse_config([*command, *gpu_check.VARIANTS.get(name, [])], prog="test", description="")[0]
         assert compare_runs.changes(cfg.to_dict(), levers["baseline_config"]) == changes, name
