@@ -1,9 +1,10 @@
 """Writing files so that a kill at any moment leaves either the old file or the new one, never half of one; and
-with the permissions every other file of the run gets."""
+with the permissions every other file of the run gets. Reading and appending the JSON-lines files runs append to."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,32 @@ def write_atomically(path: str | Path, content: str | bytes) -> None:
             temporary.write_bytes(content)
         else:
             temporary.write_text(content)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file the runs append to (metrics.jsonl, attempts.jsonl); none if it is missing. A
+    line cut off by a kill, or still being written, is left out."""
+    rows = []
+    with contextlib.suppress(FileNotFoundError), open(path) as lines:
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one row as one line, written at once and flushed to disk: a run killed a moment later keeps it."""
+    line = (json.dumps(row) + "\n").encode()
+    with open(path, "ab+") as file:
+        if file.seek(0, os.SEEK_END):  # a last line cut off by a kill must not swallow this one
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                line = b"\n" + line
+        file.write(line)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def fsync_dir(path: Path) -> None:

@@ -3,7 +3,8 @@
 Only the main process tracks; on other ranks every Tracker method returns at once. Every logged
 row carries the optimizer step as `step`, and its metrics are named `train/...`, `eval/...`,
 `experts/...` or `system/...`, the same in metrics.jsonl, W&B and TensorBoard. Whatever
-the tracker (also none), the main process appends each logged row to OUTPUT_DIR/metrics.jsonl,
+the tracker (also none), the main process appends each logged row to OUTPUT_DIR/metrics.jsonl, a line to
+OUTPUT_DIR/attempts.jsonl as each attempt of a training run starts and one as it ends,
 keeps the latest confusion matrix in OUTPUT_DIR/confusion.json and, with tracking.plots,
 redraws OUTPUT_DIR/curves.png and confusion.png after each evaluation (in a background
 process running `python -m distcifar.plot`) and in finish() if rows came after that.
@@ -11,6 +12,7 @@ process running `python -m distcifar.plot`) and in finish() if rows came after t
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import netrc
@@ -28,12 +30,17 @@ from distcifar import plot
 from distcifar.config import Config, TrackingConfig, flatten
 from distcifar.data import CLASSES, normalize
 from distcifar.errors import one_line
-from distcifar.files import remove_stale_temporaries, write_atomically
+from distcifar.files import append_jsonl, read_jsonl, remove_stale_temporaries, write_atomically
 from distcifar.model import uncompiled
 
 WANDB_HINT = "run `wandb login`, or set WANDB_API_KEY, or set WANDB_MODE=offline (and `wandb sync` later)"
 STEP_KEY = "step"  # the global optimizer step, in every logged row: the x axis of every W&B chart
 RUN_ID_FILE = "tracker_run_id"  # in OUTPUT_DIR: the W&B run id, written at start, before any checkpoint holds it
+# in OUTPUT_DIR: a line as each attempt of a training run starts (its number, time, first step, commit) and one as
+# it ends (time, step, exit code); an attempt killed outright, or ended by an error, has no end line. A run resumed
+# across sessions, restarted by torchrun or requeued by Slurm thus says how many attempts it took and where each
+# began and stopped.
+ATTEMPTS_FILE = "attempts.jsonl"
 
 
 def _has_wandb_credentials() -> bool:
@@ -68,6 +75,10 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _read_run_id(path: Path) -> str | None:
@@ -142,15 +153,18 @@ class Tracker:
         self._plotter: subprocess.Popen | None = None  # the background redraw of the PNGs
         self._plots_outdated = False  # rows were logged after the last redraw started
         self._finished = False
+        self._attempt: int | None = None  # this attempt's number in attempts.jsonl (a training run's main process)
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.output_dir)  # a plot or metrics file cut off by a kill
-        if start_step is not None:  # a new run keeps an earlier run's rows beside its own file
+        if start_step is not None:  # a new run keeps an earlier run's rows beside its own files
             if self._continues():
                 _drop_rows_after(self.output_dir / plot.METRICS_FILE, start_step)
             else:
                 _set_aside(self.output_dir / plot.METRICS_FILE)
+                _set_aside(self.output_dir / ATTEMPTS_FILE)
+            self._attempt = self._start_attempt(start_step)
         self._metrics_file = open(self.output_dir / plot.METRICS_FILE, "a")  # noqa: SIM115 - open for the run's life
         if self.report_to != "none":
             self._start(hardware)
@@ -182,6 +196,14 @@ class Tracker:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_run_id(path, run_id)
         return run_id
+
+    def _start_attempt(self, step: int) -> int:
+        """Append this attempt's start to attempts.jsonl; its number (1 for the run's first)."""
+        path = self.output_dir / ATTEMPTS_FILE
+        number = 1 + sum("started" in row for row in read_jsonl(path))
+        start = {"started": _now(), "from_step": step, "git_commit": self.git_commit}
+        append_jsonl(path, {"attempt": number, **start, "processes": self.accelerator.num_processes})
+        return number
 
     def _continues(self) -> bool:
         """This run continues the folder's run (a resume, or a restart before the first checkpoint)."""
@@ -293,8 +315,9 @@ class Tracker:
         )
         self._plots_outdated = False
 
-    def finish(self, summary: dict | None = None, exit_code: int = 0) -> None:
-        """End the tracker runs; a non-zero exit_code marks the W&B run as failed. Safe to call twice.
+    def finish(self, summary: dict | None = None, exit_code: int = 0, step: int | None = None) -> None:
+        """End the tracker runs; a non-zero exit_code marks the W&B run as failed; a training run's attempt ends in
+        attempts.jsonl at `step` (the step it saved at, when a signal stopped it). Safe to call twice.
 
         Unlike accelerator.end_training() this leaves the process group alone, so a main-only call
         cannot break the other ranks; train.py still calls end_training() on every rank at the end.
@@ -302,6 +325,9 @@ class Tracker:
         if not self.is_main or self._finished:
             return
         self._finished = True
+        if self._attempt is not None:
+            ended = {"ended": _now(), "at_step": step, "exit_code": exit_code}
+            append_jsonl(self.output_dir / ATTEMPTS_FILE, {"attempt": self._attempt, **ended})
         for tracker in self.accelerator.trackers:
             if tracker.name == "wandb":
                 if summary:

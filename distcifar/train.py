@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print_once(
             f"stopped by signal {signum} at step {progress.step}; checkpoint saved, resume with the same command"
         )
-        tracker.finish(exit_code=128 + signum)
+        tracker.finish(exit_code=128 + signum, step=progress.step)
         end_run(accelerator, 128 + signum)
     if result is None:  # resumed from a finished run (or one that reached its target): nothing trained
         result = validator.evaluate()
@@ -129,7 +129,7 @@ def finish(cfg: Config, accelerator, training: Training, tracker, run_summary: d
         export.write_final(model, out / "final", cfg, run_summary)
         (out / "summary.json").write_text(json.dumps(run_summary, indent=2))
         print(json.dumps({k: v for k, v in run_summary.items() if k != "per_class_accuracy"}))
-    tracker.finish(run_summary)
+    tracker.finish(run_summary, step=run_summary["global_step"])
     print_once(summary.closing_lines(run_summary, out, cfg.tracking.plots))
     export.push(accelerator, out / "final", cfg)  # after everything is on disk: a failed upload loses nothing
     end_run(accelerator)

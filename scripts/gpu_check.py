@@ -51,7 +51,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # distcifar, installed or not
 
-from distcifar.plot import CURVES_PNG  # noqa: E402
+from distcifar.files import read_jsonl  # noqa: E402
+from distcifar.plot import CURVES_PNG, METRICS_FILE  # noqa: E402
+from distcifar.tracking import ATTEMPTS_FILE  # noqa: E402
 
 TARGET = 0.93
 SEED_PUBLISHED = 0.8365  # the coursework's test accuracy with configs/seed.yaml's recipe, on one T4
@@ -311,9 +313,7 @@ def device() -> tuple[str, str]:
 
 def training_result(run_dir: Path) -> dict:
     """What a train.py run left in its folder: per-evaluation accuracy and training seconds, the summary."""
-    rows = []
-    if (run_dir / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run_dir / METRICS_FILE)
     evaluations = [
         {
             "epoch": r["train/epoch"],
@@ -349,7 +349,25 @@ def training_result(run_dir: Path) -> dict:
         "mixed_precision": summary.get("mixed_precision"),
         "eval_samples": summary.get("eval_samples"),
         "epochs": evaluations,
+        # however many attempts the run took, each logged step and each evaluation appears once, in step order
+        "steps_logged_once": all(in_step_order(rows, key) for key in ("train/loss", "eval/accuracy")),
+        "attempts": attempts(run_dir),
     }
+
+
+def in_step_order(rows: list[dict], key: str) -> bool:
+    """The rows that log `key` come once per step, in increasing step order."""
+    steps = [row["step"] for row in rows if key in row]
+    return all(before < after for before, after in zip(steps, steps[1:]))
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    """Each attempt of the run, from train.py's attempts.jsonl: when and where it started (from_step, git_commit) and,
+    unless it was killed outright, when and where it ended (at_step, exit_code)."""
+    merged: dict[int, dict] = {}
+    for row in read_jsonl(run_dir / ATTEMPTS_FILE):
+        merged.setdefault(row["attempt"], {}).update(row)
+    return [merged[number] for number in sorted(merged)]
 
 
 def arguments() -> argparse.Namespace:

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from distcifar.config import ModelConfig
+from distcifar.files import read_jsonl
 from distcifar.model import DistCifarNet
+from distcifar.tracking import ATTEMPTS_FILE
 from support import kill_tree, launch_command, probe, read_metrics, run, start, train_args, worker_exit_codes
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +162,13 @@ def test_sigterm_to_every_rank_saves_that_step_exits_143_on_each_and_resume_fini
     assert f"resumed from {saved[-1]} at step {step}" in result.stdout
     assert [m["step"] for m in read_metrics(out) if "train/loss" in m][-(24 - step) :] == list(range(step + 1, 25))
     assert json.loads((out / "summary.json").read_text())["global_step"] == 24
+    # attempts.jsonl, one line per start and end, the main process's only: the second attempt began where the first
+    # saved its last checkpoint
+    starts_and_ends = [
+        (row["attempt"], row.get("from_step"), row.get("at_step"), row.get("exit_code"))
+        for row in read_jsonl(out / ATTEMPTS_FILE)
+    ]
+    assert starts_and_ends == [(1, 0, None, None), (1, None, step, 143), (2, step, None, None), (2, None, 24, 0)]
 
 
 def _local_rank(process: psutil.Process) -> str | None:

@@ -57,6 +57,10 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     assert mirrored["eval_hflip"] and mirrored["eval_samples"] == summary["eval_samples"]
     assert default["test_accuracy_hflip"] == mirrored["eval_accuracy"] == summary["test_accuracy_hflip"]  # the export
     assert default["test_accuracy_hflip_translate"] == summary["test_accuracy_hflip_translate"]
+    assert default["steps_logged_once"] and [a["attempt"] for a in default["attempts"]] == [1]
+    first = default["attempts"][0]
+    assert first["from_step"] == 0 and first["at_step"] == summary["global_step"] and first["exit_code"] == 0
+    assert first["git_commit"] == default["git_commit"] and first["started"] <= first["ended"]
 
     log = next(out.glob("*-cpu-*log.txt")).read_text()
     for logged in (
@@ -80,7 +84,12 @@ def test_dry_run_writes_each_result_the_results_table_needs_and_resume_continues
     (tmp_path / "runs" / "default" / "eval_hflip.json").unlink()
     again = run(resume, timeout=600)
     assert "--resume auto" in again.stdout and "resumed from" in again.stdout
-    assert json.loads(next(out.glob("*-cpu-*default.json")).read_text())["epochs"] == epochs
+    continued = json.loads(next(out.glob("*-cpu-*default.json")).read_text())
+    assert continued["epochs"] == epochs and continued["steps_logged_once"]
+    assert [(a["attempt"], a["from_step"], a["at_step"]) for a in continued["attempts"]] == [
+        (1, 0, summary["global_step"]),
+        (2, summary["global_step"], summary["global_step"]),
+    ]
 
     # --report (a sitting that ends mid-run): nothing runs; a finished run is left to its result file, and an
     # unfinished run is written as <run>-partial.json with its evaluations so far, its checkpoints and the command

@@ -1,6 +1,6 @@
 """scripts/compare_runs.py, the table of recipe variants in results/: each run's change against the baseline, its
 accuracy at each evaluated epoch (aligned by epoch, not by position), its final figures and the load it ran beside,
-read from run folders laid out as train.py leaves them."""
+read from run folders laid out as train.py leaves them; and what gpu_check reads from such a folder."""
 
 import importlib
 import json
@@ -132,3 +132,31 @@ def test_each_variant_and_the_default_recipe_train_what_the_committed_lever_tabl
     for name, changes in expected.items():
         cfg = parse_config([*command, *gpu_check.VARIANTS.get(name, [])], prog="test", description="")[0]
         assert compare_runs.changes(cfg.to_dict(), levers["baseline_config"]) == changes, name
+
+
+def test_gpu_check_says_whether_each_step_was_logged_once_and_lists_the_attempts_in_order(tmp_path, monkeypatch):
+    """A long run's result (gpu_check's training_result) says whether its metrics hold each logged step and each
+    evaluation once, in order, however many attempts it took; and each attempt, start and end joined."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    gpu_check = importlib.import_module("gpu_check")
+    folder = tmp_path / "run"
+    _run_folder(folder, Config(), [(10, 1.0, 50.0, 60.0), (20, 2.0, 60.0, 120.0)], None, [])
+    starts_and_ends = [
+        {"attempt": 1, "started": "t0", "from_step": 0, "git_commit": "a"},
+        {"attempt": 1, "ended": "t1", "at_step": 12, "exit_code": 143},
+        {"attempt": 2, "started": "t2", "from_step": 12, "git_commit": "b"},
+    ]
+    (folder / "attempts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in starts_and_ends))
+    result = gpu_check.training_result(folder)
+    assert result["steps_logged_once"]
+    assert result["attempts"] == [starts_and_ends[0] | starts_and_ends[1], starts_and_ends[2]]
+
+    with (folder / "metrics.jsonl").open("a") as metrics:  # an attempt's evaluation logged again
+        metrics.write(
+            json.dumps({"step": 20, "train/epoch": 2.0, "eval/accuracy": 60.0, "eval/loss": 1.0, "train/seconds": 1.0})
+            + "\n"
+        )
+    assert not gpu_check.training_result(folder)["steps_logged_once"]
+    rows = (folder / "metrics.jsonl").read_text().splitlines()
+    (folder / "metrics.jsonl").write_text("\n".join([*rows[:-1], json.dumps({"step": 1, "train/loss": 2.0})]) + "\n")
+    assert not gpu_check.training_result(folder)["steps_logged_once"]  # a training step logged twice

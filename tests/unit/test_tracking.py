@@ -23,8 +23,9 @@ from accelerate import Accelerator
 from distcifar import plot
 from distcifar.config import Config, ModelConfig, TrackingConfig
 from distcifar.data import normalize
+from distcifar.files import read_jsonl
 from distcifar.model import DistCifarNet
-from distcifar.tracking import RUN_ID_FILE, Tracker, report_to
+from distcifar.tracking import ATTEMPTS_FILE, RUN_ID_FILE, Tracker, git_commit, report_to
 from support import offline_runs, read_metrics
 
 pytestmark = pytest.mark.usefixtures("isolated_wandb_env")  # no W&B settings of the machine; HOME under tmp_path
@@ -210,6 +211,43 @@ def test_a_restart_drops_the_rows_its_dead_attempt_logged_and_a_new_run_sets_the
     else:  # --resume never starts another run: the old file is kept as it was, beside, and the new one is its own
         assert (output_dir / "metrics.1.jsonl").read_text() == "\n".join(rows) + '\n{"step": 9, "train/lo'
         assert (output_dir / "metrics.jsonl").read_text() == '{"step": 7, "train/loss": 0.5}\n'
+
+
+def test_each_attempt_of_a_run_is_recorded_where_it_started_and_ended_and_a_new_run_starts_its_own_record(tmp_path):
+    output_dir = tmp_path / "run"
+    cfg = make_config("none", plots=False)
+
+    def attempt(start_step: int, **finish) -> None:
+        Tracker(Accelerator(cpu=True), cfg, output_dir, None, HARDWARE, start_step=start_step).finish(**finish)
+
+    attempt(0, exit_code=143, step=6)  # stopped by SIGTERM after saving step 6
+    with (output_dir / ATTEMPTS_FILE).open("a") as file:
+        file.write('{"attempt": 2, "star')  # a start cut off by a kill: neither counted nor joined to the next line
+    Tracker(Accelerator(cpu=True), cfg, output_dir, None, HARDWARE, start_step=6)  # killed outright: no end line
+    attempt(6, step=9)  # resumed from step 6 and finished
+    rows = read_jsonl(output_dir / ATTEMPTS_FILE)
+    assert [(row["attempt"], row.get("from_step"), row.get("at_step"), row.get("exit_code")) for row in rows] == [
+        (1, 0, None, None),
+        (1, None, 6, 143),
+        (2, 6, None, None),
+        (3, 6, None, None),
+        (3, None, 9, 0),
+    ]
+    started = [row for row in rows if "started" in row]
+    assert all(row["git_commit"] == git_commit() for row in started)
+    assert all(row["processes"] == 1 and row["started"].endswith("+00:00") for row in started)
+    Tracker(Accelerator(cpu=True), cfg, output_dir, None, HARDWARE).finish()  # not a training run (the benchmark)
+    assert read_jsonl(output_dir / ATTEMPTS_FILE) == rows
+
+    cfg.resume = "never"  # a new run in the folder: the old record is kept beside, the new one starts at 1
+    attempt(0, step=3)
+    assert read_jsonl(output_dir / "attempts.1.jsonl") == rows
+    assert [
+        (row["attempt"], row.get("from_step"), row.get("at_step")) for row in read_jsonl(output_dir / ATTEMPTS_FILE)
+    ] == [
+        (1, 0, None),
+        (1, None, 3),
+    ]
 
 
 def test_the_run_id_is_kept_in_the_output_folder_from_the_start(tmp_path, offline_wandb, model, monkeypatch, capsys):
