@@ -62,6 +62,7 @@ import pytest
 pytest.importorskip("accelerate", reason="accelerate is not installed")
 pytest.importorskip("datasets", reason="datasets is not installed")
 
+from distcifar.files import read_jsonl  # noqa: E402
 from support import (  # noqa: E402
     ACCELERATE,
     REPO,
@@ -510,6 +511,7 @@ def test_only_the_main_process_writes_files_and_prints(name, request):
     out = run.output_dir
     # exactly what the main process writes (plots are off): a new file here must be a deliberate one
     assert sorted(p.name for p in out.iterdir()) == [
+        "attempts.jsonl",
         "checkpoints",
         "config.json",
         "confusion.json",
@@ -526,6 +528,11 @@ def test_only_the_main_process_writes_files_and_prints(name, request):
     assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, STEPS + 1))
     evaluations = [row for row in rows if "eval/accuracy" in row]
     assert len(evaluations) == 2  # after epoch 1 and at max_steps
+    attempt = read_jsonl(out / "attempts.jsonl")  # one start and one end, from the main process alone
+    assert [(row["attempt"], row.get("processes"), row.get("at_step")) for row in attempt] == [
+        (1, 2, None),
+        (1, None, STEPS),
+    ]
     # printed once, not once per rank
     assert len(lines_with(run.stdout, r"train / \d+ test images")) == 1, run.describe()
     assert len(lines_with(run.stdout, r"^epoch [\d.]+: test accuracy")) == len(evaluations), run.describe()
