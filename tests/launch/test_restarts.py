@@ -1,9 +1,9 @@
 """In-job restarts under torch elastic, for real: a 2-process run whose rank 1 is SIGKILLed (torchrun
 --max-restarts 1) or stops answering (accelerate launch --max_restarts 1) is restarted by its launcher, resumes
 from the newest checkpoint by itself and ends with weights bit-identical to an uninterrupted run, each step once
-in metrics.jsonl and W&B continuing one run. One trial each here, at a chosen step (tests/probes/instrumented_train.py
-kills or stalls rank 1); scripts/restart_trials.py runs 20 in a row, SIGKILLed from outside at random moments.
-The same within a Slurm allocation is in test_slurm.py."""
+in metrics.jsonl, the restart recorded as the run's second attempt and W&B continuing one run. One trial each
+here, at a chosen step (tests/probes/instrumented_train.py kills or stalls rank 1); scripts/restart_trials.py runs
+20 in a row, SIGKILLed from outside at random moments. The same within a Slurm allocation is in test_slurm.py."""
 
 import json
 import os
@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distcifar.files import read_jsonl
+from distcifar.tracking import ATTEMPTS_FILE
 from support import (
     RESTART_ARGS,
     RESTART_TOTAL_STEPS,
@@ -47,6 +49,13 @@ def _assert_finished_as_if_uninterrupted(out, output: str, uninterrupted: dict) 
     weights = load_file(out / "final" / "model.safetensors")
     different = [name for name in uninterrupted if not torch.equal(uninterrupted[name], weights[name])]
     assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    # attempts.jsonl: the launcher's restart is the run's second attempt, from the step it resumed from, to the end
+    attempts = read_jsonl(out / ATTEMPTS_FILE)
+    assert [(row["attempt"], row["from_step"]) for row in attempts if "started" in row] == [
+        (1, 0),
+        (2, int(resumed[0])),
+    ]
+    assert {"attempt": 2, "at_step": RESTART_TOTAL_STEPS, "exit_code": 0}.items() <= attempts[-1].items()
     return int(resumed[0])
 
 

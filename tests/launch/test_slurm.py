@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from distcifar.files import read_jsonl
+from distcifar.tracking import ATTEMPTS_FILE
 from support import REPO, process_with_env, slurm_answers
 
 DATA = os.environ.get("DISTCIFAR_TEST_DATA")
@@ -154,13 +156,14 @@ def final_weights(output_dir: Path) -> dict:
     return load_file(output_dir / "final" / "model.safetensors")
 
 
-def assert_resumed_from_the_stop(log: str) -> None:
+def assert_resumed_from_the_stop(log: str) -> int:
     """The requeued attempt resumed from the checkpoint written when the signal arrived (not an older one, not
-    step 0)."""
+    step 0). That step."""
     stopped = re.search(r"stopped by signal \d+ at step (\d+)", log)
     assert stopped, log[-4000:]
     step = int(stopped.group(1))
     assert re.search(rf"resumed from \S*step_{step:08d} at step {step}\b", log), log[-4000:]
+    return step
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +215,15 @@ def test_usr1_checkpoints_requeues_and_resumes(reference_run, tmp_path):
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert int(info["Restarts"]) >= 1, log[-4000:]
     assert "requeueing job" in log, log[-4000:]
-    assert_resumed_from_the_stop(log)
+    step = assert_resumed_from_the_stop(log)
     assert "restart 1/" in log  # the second start logged its SLURM_RESTART_COUNT
+    # attempts.jsonl: the requeued job is the run's second attempt, from the step the first saved at SIGUSR1 (138)
+    attempts = [
+        (row["attempt"], row.get("from_step"), row.get("at_step"), row.get("exit_code"))
+        for row in read_jsonl(out / ATTEMPTS_FILE)
+    ]
+    final_step = json.loads((out / "summary.json").read_text())["global_step"]
+    assert attempts == [(1, 0, None, None), (1, None, step, 138), (2, step, None, None), (2, None, final_step, 0)]
     print(f"USR1 -> finished after resume: {time.monotonic() - signalled:.0f} s")
     import torch
 
