@@ -19,7 +19,7 @@ import numpy as np
 
 from distcifar.cli import make_parser
 from distcifar.errors import UsageError, entry_point
-from distcifar.files import replaced_atomically, write_atomically
+from distcifar.files import read_jsonl, replaced_atomically, write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"  # train.py writes the run's whole config there
@@ -38,22 +38,17 @@ def read_series(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
     those the earlier attempt wrote from that step on. Keys are the logged ones (`train/loss`, ...).
     """
     series: dict[str, list[tuple[int, float]]] = {}
-    with open(metrics_path) as lines:
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the last line can be half-written while a run is training
-            step = row.get("step")
-            if not isinstance(step, int):
+    for row in read_jsonl(metrics_path):  # the last line can be half-written while a run is training: left out
+        step = row.get("step")
+        if not isinstance(step, int):
+            continue
+        for key, value in row.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            for key, value in row.items():
-                if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    continue
-                points = series.setdefault(OLD_KEYS.get(key, key), [])
-                while points and points[-1][0] >= step:
-                    points.pop()
-                points.append((step, value))
+            points = series.setdefault(OLD_KEYS.get(key, key), [])
+            while points and points[-1][0] >= step:
+                points.pop()
+            points.append((step, value))
     return series
 
 
