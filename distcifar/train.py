@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     # Run, then finish -----------------------------------------------------------------------------
     start = dataclasses.replace(progress)  # where this attempt starts: its own images/s
     result, signum = train(accelerator, cfg, training, progress, validator, checkpointer, tracker, stop)
-    if signum:
+    if signum:  # the attempt's end is recorded before the line: whoever read the output may be gone (a killed tee)
+        tracker.finish(exit_code=128 + signum, step=progress.step)
         print_once(
             f"stopped by signal {signum} at step {progress.step}; checkpoint saved, resume with the same command"
         )
-        tracker.finish(exit_code=128 + signum, step=progress.step)
         end_run(accelerator, 128 + signum)
     if result is None:  # resumed from a finished run (or one that reached its target): nothing trained
         result = validator.evaluate()
