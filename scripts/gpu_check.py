@@ -92,6 +92,9 @@ VARIANTS |= {
     for name, extra in LEVERS.items()
 }
 VARIANTS["default-seed1"] = ["--train.seed", "1"]  # the committed recipe with a second seed: its result's spread
+# The committed recipe with a larger cutout: 12×12 gained more than 8×8 (+0.98 against +0.62) and the network still
+# fits its cut images closely (training loss 0.65 against label smoothing's floor of 0.50), so the square may grow.
+VARIANTS["default-cutout16"] = ["--data.cutout_size", "16"]
 DRY_RUN_EVALUATE = ["--data.eval_limit", "500"]
 DRY_RUN_TRAIN = [
     "--model.block_channels",

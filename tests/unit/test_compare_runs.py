@@ -126,6 +126,7 @@ def test_each_variant_and_the_default_recipe_train_what_the_committed_lever_tabl
     expected["default-10ep-lr0.4-wd0.001"] = {"train.epochs": 10, "optim.weight_decay": 0.001}
     expected[""] = expected["default-30ep-lr0.4-reflect-cutout12"]  # configs/default.yaml itself: the sweep's winner
     expected["default-seed1"] = expected[""] | {"train.seed": 1}
+    expected["default-cutout16"] = expected[""] | {"data.cutout_size": 16}
     assert sorted(expected) == sorted(["", *gpu_check.VARIANTS])
     command = ["--config", str(REPO / "configs" / "default.yaml"), "--resume", "auto", "--tracking.report_to", "none"]
     command += ["--data.path", levers["baseline_config"]["data"]["path"]]  # as gpu_check gave them (train_command)
